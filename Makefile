@@ -1,0 +1,26 @@
+# Thin wrappers; the work lives in cargo and scripts/. See README.md.
+.PHONY: demo test bench bench-ring run sim fuzz deps lint
+
+CARGO ?= cargo
+
+demo: deps
+	bash scripts/demo.sh
+
+test: deps lint
+	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) test --workspace --doc --quiet
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+bench: bench-ring
+
+bench-ring:
+	$(CARGO) bench -p grapevine-ring --bench ring
+
+run:
+	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev
+
+deps:
+	@bash scripts/deps.sh

@@ -1,0 +1,4 @@
+//! The `agent` binary.
+fn main() {
+    println!("agent {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what `make test`, `make demo` and `make bench` need on a fresh machine (Debian 12 with
+# Rust, cargo-nextest, gcc and python3). Idempotent and quiet when everything is present.
+set -euo pipefail
+
+need_cargo_tool() {
+  if ! command -v "$1" >/dev/null 2>&1 && ! cargo "${1#cargo-}" --version >/dev/null 2>&1; then
+    echo "deps: installing $2 with cargo" >&2
+    cargo install --locked "$2"
+  fi
+}
+
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+need_cargo_tool cargo-nextest cargo-nextest
+
+# Debian packages: name of a command each provides, then the package.
+apt_missing=()
+while read -r cmd pkg; do
+  [ -z "$cmd" ] && continue
+  command -v "$cmd" >/dev/null 2>&1 || apt_missing+=("$pkg")
+done <<'LIST'
+curl curl
+LIST
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "deps: installing ${apt_missing[*]} with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+fi
