@@ -7,8 +7,8 @@ demo: deps
 	bash scripts/demo.sh
 
 test: deps lint
-	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) test --workspace --doc --quiet
+	$(CARGO) nextest run --workspace --no-fail-fast
 
 lint:
 	$(CARGO) fmt --all --check

@@ -1,4 +1,107 @@
-//! The `agent` binary.
-fn main() {
-    println!("agent {}", env!("CARGO_PKG_VERSION"));
+//! The `agent` binary: parse the command line, set up logging, hand over.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use grapevine_agent::cli::{Cli, Command, EventCommand, Shell};
+use grapevine_agent::config::{self, LogFormat, ProcessEnv};
+use grapevine_agent::{client, daemon};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Keygen => {
+            println!("{}", grapevine_agent::membership::keyring::generate_encoded());
+            ExitCode::SUCCESS
+        }
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "agent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        other => client_command(other),
+    }
+}
+
+fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
+    let prepared = args
+        .to_layer()
+        .and_then(|flags| config::load(args.config.as_deref(), &ProcessEnv, flags))
+        .map_err(daemon::RunError::from)
+        .and_then(daemon::prepare);
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(prepared.config.log_format, &prepared.config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(prepared)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(daemon::RunError::Config(e)) => {
+            tracing::error!("{e}");
+            ExitCode::from(2)
+        }
+        Err(daemon::RunError::Runtime(e)) => {
+            tracing::error!("{e:#}");
+            eprintln!("agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn client_command(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env = ProcessEnv;
+    let result = runtime.block_on(async {
+        match &command {
+            Command::Status(a) => client::status(a, &env).await,
+            Command::Members(a) => client::members(a, &env).await,
+            Command::Services(a) => client::services(a, &env).await,
+            Command::Route(r) => client::route(&r.service, r.key.as_deref(), &r.client, &env).await,
+            Command::Event(EventCommand::Fire { name, payload, client: a }) => {
+                client::fire(name, payload.as_deref(), a, &env).await
+            }
+            Command::Event(EventCommand::Watch { name, client: a }) => client::watch(name.as_deref(), a, &env).await,
+            Command::Leave(a) => client::leave(a, &env).await,
+            Command::Run(_) | Command::Keygen | Command::Completions { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

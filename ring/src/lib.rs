@@ -30,6 +30,34 @@
 //! - **Regions.** The preference order within a region is the global order filtered to that
 //!   region, so [`Ring::owner_in_region`] and [`Ring::failover`] agree with [`Ring::owners`].
 //! - **Pure.** No I/O, no clock, no randomness, no async runtime.
+//!
+//! # Example
+//!
+//! ```
+//! use grapevine_ring::{Member, Ring};
+//!
+//! let ring = Ring::new([
+//!     Member::new("east-1", "us-east", "us-east-1a"),
+//!     Member::new("east-2", "us-east", "us-east-1b"),
+//!     Member::new("west-1", "us-west", "us-west-2a").with_weight(200),
+//! ])?;
+//! let key = "meteor_login_token=abc";
+//! let owner = ring.owner(key).unwrap();
+//! // The failover order starts with the owner and lists every member once.
+//! let order = ring.owners(key, 3);
+//! assert_eq!(order[0], owner);
+//! // Within a region, the order is the global order filtered to that region.
+//! let east = ring.owner_in_region(key, "us-east").unwrap();
+//! assert_eq!(Some(east), ring.preference(key).find(|m| m.region == "us-east"));
+//! // Removing a member that does not own the key leaves the key where it was.
+//! let other = ring.members().iter().find(|m| m.id != owner.id).unwrap();
+//! assert_eq!(ring.without_member(&other.id).owner(key).unwrap().id, owner.id);
+//! // Bounded load: with the owner already holding every session, a new one goes elsewhere.
+//! let mut loads = vec![0; ring.len()];
+//! loads[ring.ordinal(&owner.id).unwrap()] = 10;
+//! assert_ne!(ring.owner_bounded(key, &loads, 1.25).unwrap().id, owner.id);
+//! # Ok::<(), grapevine_ring::RingError>(())
+//! ```
 
 mod classic;
 mod hash;

@@ -1,0 +1,373 @@
+//! The client commands (`status`, `members`, `services`, `route`, `event`, `leave`): they ask a
+//! running agent's admin API and print a table, or the JSON document with `--json`.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, anyhow};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ErrorDoc, FireRequest, ServiceDoc, StatusDoc};
+use crate::cli::ClientArgs;
+use crate::cluster::routing::Route;
+use crate::cluster::snapshot::MemberView;
+use crate::config::{DEFAULT_ADMIN_ADDR, Env};
+
+/// A failure the user must see: printed as is, exit code 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientError(pub String);
+
+/// The agent's admin API at one address.
+#[derive(Debug)]
+pub struct AdminClient {
+    base: String,
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    pub fn new(args: &ClientArgs, env: &dyn Env) -> AdminClient {
+        let addr = args
+            .admin_addr
+            .clone()
+            .or_else(|| env.var("AGENT_ADMIN_ADDR"))
+            .unwrap_or_else(|| DEFAULT_ADMIN_ADDR.to_string());
+        let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
+        AdminClient { base: format!("http://{addr}"), addr, http }
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let why = if e.is_connect() {
+            "connection refused"
+        } else if e.is_timeout() {
+            "timed out"
+        } else {
+            "request failed"
+        };
+        ClientError(format!(
+            "could not reach the agent's admin API at {} ({why}).\n\
+             Start an agent with `agent run --dev` (or `agent run --config agent.toml`), \
+             or point --admin-addr / AGENT_ADMIN_ADDR at a running one.",
+            self.addr
+        ))
+        .into()
+    }
+
+    async fn check(&self, resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorDoc>(&text).map(|e| e.error).unwrap_or(text);
+        Err(ClientError(format!("the agent at {} answered {}: {msg}", self.addr, status.as_u16())).into())
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self.http.get(format!("{}{path}", self.base)).send().await.map_err(|e| self.unreachable(&e))?;
+        let resp = self.check(resp).await?;
+        resp.json().await.with_context(|| format!("decoding the answer to GET {path}"))
+    }
+
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<T> {
+        let resp =
+            self.http.post(format!("{}{path}", self.base)).json(body).send().await.map_err(|e| self.unreachable(&e))?;
+        let resp = self.check(resp).await?;
+        resp.json().await.with_context(|| format!("decoding the answer to POST {path}"))
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(rows: &[Vec<String>], indent: &str) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::from(indent);
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn rtt(m: &MemberView) -> String {
+    m.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(|| "-".into())
+}
+
+/// `agent status`.
+pub fn render_status(s: &StatusDoc) -> String {
+    let mut out = String::new();
+    let n = &s.node;
+    let _ = writeln!(
+        out,
+        "node {}  region {}  zone {}  cluster {}  role {}  version {}",
+        n.id, n.region, n.zone, n.cluster, n.role, n.version
+    );
+    let c = &s.cluster;
+    let _ = writeln!(
+        out,
+        "members {}: {} alive, {} suspect, {} dead, {} left; regions: {}",
+        c.members,
+        c.alive,
+        c.suspect,
+        c.dead,
+        c.left,
+        c.regions.join(", ")
+    );
+    for region in &c.regions {
+        let _ = writeln!(out, "\nregion {region}");
+        let mut rows = vec![["ID", "ZONE", "GOSSIP", "STATE", "SERVICES", "LOAD", "RTT"].map(String::from).to_vec()];
+        for m in s.members.iter().filter(|m| &m.region == region) {
+            let me = if m.id == n.id { " *" } else { "" };
+            let services: Vec<String> = m
+                .services
+                .iter()
+                .map(|i| {
+                    if i.draining || m.draining {
+                        format!("{}(draining)", i.name)
+                    } else if i.healthy {
+                        i.name.clone()
+                    } else {
+                        format!("{}(unhealthy)", i.name)
+                    }
+                })
+                .collect();
+            let load: u64 = m.services.iter().map(|i| i.load).sum();
+            rows.push(vec![
+                format!("{}{me}", m.id),
+                m.zone.clone(),
+                m.gossip_addr.to_string(),
+                m.state.as_str().to_string(),
+                if services.is_empty() { "-".into() } else { services.join(",") },
+                load.to_string(),
+                rtt(m),
+            ]);
+        }
+        out.push_str(&table(&rows, "  "));
+    }
+    if !s.services.is_empty() {
+        let _ = writeln!(out, "\nservices");
+        let mut rows = vec![["NAME", "HEALTHY", "BY REGION", "PINNED"].map(String::from).to_vec()];
+        for svc in &s.services {
+            let by: Vec<String> = svc.healthy_by_region.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            rows.push(vec![
+                svc.name.clone(),
+                format!("{}/{}", svc.healthy, svc.instances),
+                if by.is_empty() { "-".into() } else { by.join(", ") },
+                if svc.pinned { "yes".into() } else { "no".into() },
+            ]);
+        }
+        out.push_str(&table(&rows, "  "));
+    }
+    out
+}
+
+pub fn render_members(members: &[MemberView]) -> String {
+    let mut rows = vec![["ID", "REGION", "ZONE", "GOSSIP", "DATA", "STATE", "GEN", "RTT"].map(String::from).to_vec()];
+    for m in members {
+        rows.push(vec![
+            m.id.clone(),
+            m.region.clone(),
+            m.zone.clone(),
+            m.gossip_addr.to_string(),
+            m.data_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            m.state.as_str().into(),
+            m.generation.to_string(),
+            rtt(m),
+        ]);
+    }
+    table(&rows, "")
+}
+
+pub fn render_services(services: &[ServiceDoc]) -> String {
+    let mut rows = vec![
+        ["SERVICE", "NODE", "REGION", "ZONE", "STATE", "HEALTH", "LOAD", "WEIGHT", "PORT"].map(String::from).to_vec(),
+    ];
+    for s in services {
+        for e in &s.endpoints {
+            let health = if e.draining {
+                "draining"
+            } else if e.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            rows.push(vec![
+                s.name.clone(),
+                e.node.clone(),
+                e.region.clone(),
+                e.zone.clone(),
+                e.state.as_str().into(),
+                health.into(),
+                e.load.to_string(),
+                e.weight.to_string(),
+                e.port.to_string(),
+            ]);
+        }
+    }
+    table(&rows, "")
+}
+
+pub fn render_route(r: &Route) -> String {
+    let mut out = String::new();
+    let key = r.key.as_deref().map(|k| format!(" key {k:?}")).unwrap_or_else(|| " (no key: less loaded of two)".into());
+    let pinned = if r.pinned { ", pinned to its region" } else { "" };
+    let _ = writeln!(out, "{}{key} from {}; regions in order: {}{pinned}", r.service, r.from, r.regions.join(" → "));
+    let mut rows = Vec::new();
+    match &r.chosen {
+        Some(t) => rows.push(vec![
+            "chosen".into(),
+            t.node.clone(),
+            t.region.clone(),
+            t.zone.clone(),
+            format!("load {}", t.load),
+        ]),
+        None => rows.push(vec!["chosen".into(), "none: no instance may take this request".into()]),
+    }
+    for t in &r.failover {
+        rows.push(vec![
+            "failover".into(),
+            t.node.clone(),
+            t.region.clone(),
+            t.zone.clone(),
+            format!("load {}", t.load),
+        ]);
+    }
+    out.push_str(&table(&rows, "  "));
+    out
+}
+
+pub async fn status(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let doc: StatusDoc = AdminClient::new(args, env).get("/v1/status").await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        print!("{}", render_status(&doc))
+    }
+    Ok(())
+}
+
+pub async fn members(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let doc: Vec<MemberView> = AdminClient::new(args, env).get("/v1/members").await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        print!("{}", render_members(&doc))
+    }
+    Ok(())
+}
+
+pub async fn services(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let doc: Vec<ServiceDoc> = AdminClient::new(args, env).get("/v1/services").await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        print!("{}", render_services(&doc))
+    }
+    Ok(())
+}
+
+pub async fn route(service: &str, key: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let mut path = format!("/v1/route/{}", urlencode(service));
+    if let Some(k) = key {
+        path.push_str(&format!("?key={}", urlencode(k)));
+    }
+    let doc: Route = AdminClient::new(args, env).get(&path).await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        print!("{}", render_route(&doc))
+    }
+    Ok(())
+}
+
+pub async fn fire(name: &str, payload: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let req = FireRequest { name: name.to_string(), payload: payload.map(str::to_string) };
+    let doc: serde_json::Value = AdminClient::new(args, env).post("/v1/events", &req).await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        println!("fired event {name} ({})", doc["id"].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+/// Prints each event as one JSON line until the agent goes away.
+pub async fn watch(name: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let client = AdminClient::new(args, env);
+    let mut url = format!("{}/v1/events", client.base);
+    if let Some(n) = name {
+        url.push_str(&format!("?name={}", urlencode(n)));
+    }
+    let resp = client.http.get(&url).send().await.map_err(|e| client.unreachable(&e))?;
+    let resp = client.check(resp).await?;
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| anyhow!("the event stream from {} ended: {e}", client.addr))?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let mut kind = "message";
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    kind = if v.trim() == "lagged" { "lagged" } else { "event" };
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if kind == "lagged" {
+                eprintln!("warning: this watcher fell behind and missed {data} events");
+            } else if !data.is_empty() {
+                println!("{data}");
+            }
+        }
+    }
+    Err(ClientError(format!("the agent at {} closed the event stream", client.addr)).into())
+}
+
+pub async fn leave(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let client = AdminClient::new(args, env);
+    let _: serde_json::Value = client.post("/v1/leave", &serde_json::json!({})).await?;
+    println!("the agent at {} is leaving the cluster", client.addr);
+    Ok(())
+}
+
+/// Percent-encodes a path segment or query value.
+fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&[vec!["A".into(), "BB".into(), "C".into()], vec!["aaa".into(), "b".into(), "c".into()]], "  ");
+        assert_eq!(t, "  A    BB  C\n  aaa  b   c\n");
+        assert_eq!(urlencode("a b/ü"), "a%20b%2F%C3%BC");
+    }
+}

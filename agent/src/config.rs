@@ -1,0 +1,1017 @@
+//! The agent's configuration: one `Config`, filled from built-in defaults, a TOML file,
+//! `AGENT_*` environment variables and command-line flags, later sources winning.
+//!
+//! Every source is first read into the same [`Layer`] (all fields optional), layers are merged,
+//! and only then is the result validated into a [`Config`]. Validation names the setting, the
+//! bad value and what is allowed, so `agent run` can stop with exit code 2 before binding
+//! anything. The environment is read through the [`Env`] trait so tests feed a map.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where environment variables come from.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// A setting that could not be accepted: which one, the value given, and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting {setting} = {value:?}: {allowed}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl ConfigError {
+    fn new(setting: impl Into<String>, value: impl Into<String>, allowed: impl Into<String>) -> Self {
+        ConfigError { setting: setting.into(), value: value.into(), allowed: allowed.into() }
+    }
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A health check of a service this agent fronts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub target: CheckTarget,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes before an unhealthy instance counts as healthy again.
+    pub rise: u32,
+    /// Consecutive failures before a healthy instance counts as unhealthy.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckTarget {
+    /// GET this URL; any 2xx passes.
+    Http(String),
+    /// Open a TCP connection to this address.
+    Tcp(String),
+}
+
+/// A service this sidecar fronts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// The app's local port (on 127.0.0.1).
+    pub port: u16,
+    pub weight: u32,
+    pub pinned_to_region: bool,
+    pub check: Option<Check>,
+}
+
+/// A service the local app calls through a local port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+}
+
+/// One ingress route: requests matching host and/or path prefix go to `service`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IngressRoute {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    #[serde(default)]
+    pub cookie: Option<String>,
+    #[serde(default)]
+    pub header: Option<String>,
+    /// `client_ip` (the default) or `none`.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressConfig {
+    pub listen: SocketAddr,
+    pub routes: Vec<IngressRoute>,
+    pub affinity: Affinity,
+}
+
+/// Gossip tuning. Defaults suit a LAN or a few regions; see README for the trade-offs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GossipSettings {
+    /// How often each agent gossips with a few peers.
+    pub interval: Duration,
+    /// phi-accrual threshold: higher means slower but surer failure detection.
+    pub phi_threshold: f64,
+    /// How long a dead member's state is kept (it stops being gossiped after half of this).
+    pub dead_node_grace: Duration,
+    /// How often seeds and recently dead members are re-probed, so healed partitions merge.
+    pub reprobe_interval: Duration,
+}
+
+/// Limits on cluster events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventSettings {
+    pub max_payload: usize,
+    /// How long an event stays in gossip state (and so how long it can still reach a member).
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Security {
+    pub cluster_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub dev: bool,
+    pub cluster: String,
+    /// None: generated (hostname + random suffix) and kept in `data_dir`.
+    pub node_id: Option<String>,
+    pub region: String,
+    pub zone: String,
+    /// None only in `--dev` without an explicit data dir: nothing is persisted.
+    pub data_dir: Option<PathBuf>,
+    pub join: Vec<String>,
+    pub gossip_addr: SocketAddr,
+    pub gossip_advertise: Option<SocketAddr>,
+    pub data_addr: SocketAddr,
+    pub data_advertise: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub drain_timeout: Duration,
+    pub gossip: GossipSettings,
+    pub events: EventSettings,
+    pub security: Security,
+    pub services: Vec<ServiceConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub ingress: Option<IngressConfig>,
+}
+
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:7070";
+const NAME_ALLOWED: &str = "1 to 63 characters from a-z, A-Z, 0-9, '-', '_' and '.'";
+
+// ----------------------------------------------------------------------------------------------
+// Layers: every source parsed into the same shape, all optional.
+
+/// A health check as written in the file: `{ http = "...", interval = "2s", ... }`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckLayer {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceLayer {
+    pub name: String,
+    pub port: u16,
+    pub weight: Option<u32>,
+    pub pinned_to_region: Option<bool>,
+    pub check: Option<CheckLayer>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamLayer {
+    pub service: String,
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IngressLayer {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<IngressRoute>,
+    pub affinity: Option<Affinity>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityLayer {
+    pub cluster_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// One source's settings. Scalars are kept as strings until validation so that every source
+/// reports a bad value the same way.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub dev: Option<bool>,
+    pub cluster: Option<String>,
+    pub node_id: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub join: Option<Vec<String>>,
+    pub gossip_addr: Option<String>,
+    pub gossip_advertise: Option<String>,
+    pub data_addr: Option<String>,
+    pub data_advertise: Option<String>,
+    pub admin_addr: Option<String>,
+    pub dns_addr: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub gossip_interval: Option<String>,
+    pub phi_threshold: Option<String>,
+    pub dead_node_grace: Option<String>,
+    pub reprobe_interval: Option<String>,
+    pub event_max_payload: Option<String>,
+    pub event_ttl: Option<String>,
+    pub security: Option<SecurityLayer>,
+    #[serde(rename = "service")]
+    pub services: Option<Vec<ServiceLayer>>,
+    #[serde(rename = "upstream")]
+    pub upstreams: Option<Vec<UpstreamLayer>>,
+    pub ingress: Option<IngressLayer>,
+}
+
+/// The scalar settings that every source spells the same way: (file key, what it is).
+/// Env var = `AGENT_` + upper-cased key; flag = `--` + key with dashes.
+pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
+    ("cluster", "cluster name; agents join only agents of the same cluster"),
+    ("node_id", "this node's stable id"),
+    ("region", "region label"),
+    ("zone", "zone label"),
+    ("data_dir", "directory for the node id and API registrations"),
+    ("gossip_addr", "gossip bind address (UDP)"),
+    ("gossip_advertise", "gossip address peers dial"),
+    ("data_addr", "QUIC data-plane bind address (UDP)"),
+    ("data_advertise", "data-plane address peers dial"),
+    ("admin_addr", "admin HTTP API address"),
+    ("dns_addr", "DNS address"),
+    ("log_format", "text or json"),
+    ("log_level", "tracing filter"),
+    ("drain_timeout", "how long open connections may finish on shutdown"),
+    ("gossip_interval", "gossip round interval"),
+    ("phi_threshold", "failure-detector threshold"),
+    ("dead_node_grace", "how long dead members are remembered"),
+    ("reprobe_interval", "how often seeds and dead members are re-probed"),
+    ("event_max_payload", "largest event payload in bytes"),
+    ("event_ttl", "how long an event can still reach members"),
+    ("cluster_key_file", "gossip keyring file (base64 keys, one per line, first seals)"),
+    ("ca_file", "cluster CA certificate (PEM)"),
+    ("cert_file", "this node's certificate (PEM)"),
+    ("key_file", "this node's private key (PEM)"),
+];
+
+impl Layer {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Layer, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("config", path.display().to_string(), format!("a readable file ({e})")))?;
+        Layer::from_toml(&text).map_err(|e| ConfigError { value: path.display().to_string(), ..e })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Layer, ConfigError> {
+        // Numbers and booleans in the file are accepted for scalar settings and kept as strings.
+        let mut value: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::new("config", "", format!("valid TOML: {}", e.message())))?;
+        for (key, _) in SCALAR_SETTINGS {
+            if let Some(v) = value.get_mut(*key) {
+                match v {
+                    toml::Value::Integer(i) => *v = toml::Value::String(i.to_string()),
+                    toml::Value::Float(f) => *v = toml::Value::String(f.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Layer::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let msg = e.to_string();
+            let setting = unknown_field(&msg).unwrap_or_else(|| "config".to_string());
+            if msg.contains("unknown field") {
+                ConfigError::new(setting, "", "no such setting; `agent run --help` and the README list them all")
+            } else {
+                ConfigError::new(setting, "", format!("a value of the right type ({})", msg.trim()))
+            }
+        })
+    }
+
+    /// Reads `AGENT_*` variables.
+    pub fn from_env(env: &dyn Env) -> Result<Layer, ConfigError> {
+        let mut l = Layer::default();
+        let get = |key: &str| env.var(&format!("AGENT_{}", key.to_uppercase())).filter(|v| !v.is_empty());
+        for (key, _) in SCALAR_SETTINGS {
+            if let Some(v) = get(key) {
+                l.set_scalar(key, v);
+            }
+        }
+        if let Some(v) = get("dev") {
+            l.dev = Some(parse_bool("AGENT_DEV", &v)?);
+        }
+        if let Some(v) = get("join") {
+            l.join = Some(split_list(&v));
+        }
+        if let Some(v) = get("service") {
+            l.services = Some(
+                split_specs(&v, SERVICE_OPTIONS)
+                    .iter()
+                    .map(|s| parse_service_spec("AGENT_SERVICE", s))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        if let Some(v) = get("upstream") {
+            l.upstreams = Some(
+                split_list(&v).iter().map(|s| parse_upstream_spec("AGENT_UPSTREAM", s)).collect::<Result<_, _>>()?,
+            );
+        }
+        let ingress_listen = get("ingress_listen");
+        let routes = get("ingress_route");
+        let cookie = get("ingress_affinity_cookie");
+        let header = get("ingress_affinity_header");
+        if ingress_listen.is_some() || routes.is_some() || cookie.is_some() || header.is_some() {
+            let routes = match routes {
+                Some(r) => split_specs(&r, ROUTE_OPTIONS)
+                    .iter()
+                    .map(|s| parse_route_spec("AGENT_INGRESS_ROUTE", s))
+                    .collect::<Result<_, _>>()?,
+                None => Vec::new(),
+            };
+            let affinity =
+                (cookie.is_some() || header.is_some()).then_some(Affinity { cookie, header, fallback: None });
+            l.ingress = Some(IngressLayer { listen: ingress_listen, routes, affinity });
+        }
+        Ok(l)
+    }
+
+    /// Sets one scalar setting by its file key.
+    pub fn set_scalar(&mut self, key: &str, v: String) {
+        let sec = || SecurityLayer::default();
+        match key {
+            "cluster" => self.cluster = Some(v),
+            "node_id" => self.node_id = Some(v),
+            "region" => self.region = Some(v),
+            "zone" => self.zone = Some(v),
+            "data_dir" => self.data_dir = Some(v.into()),
+            "gossip_addr" => self.gossip_addr = Some(v),
+            "gossip_advertise" => self.gossip_advertise = Some(v),
+            "data_addr" => self.data_addr = Some(v),
+            "data_advertise" => self.data_advertise = Some(v),
+            "admin_addr" => self.admin_addr = Some(v),
+            "dns_addr" => self.dns_addr = Some(v),
+            "log_format" => self.log_format = Some(v),
+            "log_level" => self.log_level = Some(v),
+            "drain_timeout" => self.drain_timeout = Some(v),
+            "gossip_interval" => self.gossip_interval = Some(v),
+            "phi_threshold" => self.phi_threshold = Some(v),
+            "dead_node_grace" => self.dead_node_grace = Some(v),
+            "reprobe_interval" => self.reprobe_interval = Some(v),
+            "event_max_payload" => self.event_max_payload = Some(v),
+            "event_ttl" => self.event_ttl = Some(v),
+            "cluster_key_file" => self.security.get_or_insert_with(sec).cluster_key_file = Some(v.into()),
+            "ca_file" => self.security.get_or_insert_with(sec).ca_file = Some(v.into()),
+            "cert_file" => self.security.get_or_insert_with(sec).cert_file = Some(v.into()),
+            "key_file" => self.security.get_or_insert_with(sec).key_file = Some(v.into()),
+            other => debug_assert!(false, "unknown scalar setting {other}"),
+        }
+    }
+
+    /// `self` with every setting present in `later` replaced by it.
+    pub fn merge(mut self, later: Layer) -> Layer {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
+        }
+        take!(
+            dev,
+            cluster,
+            node_id,
+            region,
+            zone,
+            data_dir,
+            join,
+            gossip_addr,
+            gossip_advertise,
+            data_addr,
+            data_advertise,
+            admin_addr,
+            dns_addr,
+            log_format,
+            log_level,
+            drain_timeout,
+            gossip_interval,
+            phi_threshold,
+            dead_node_grace,
+            reprobe_interval,
+            event_max_payload,
+            event_ttl,
+            services,
+            upstreams
+        );
+        if let Some(s) = later.security {
+            let mine = self.security.get_or_insert_with(SecurityLayer::default);
+            if s.cluster_key_file.is_some() {
+                mine.cluster_key_file = s.cluster_key_file;
+            }
+            if s.ca_file.is_some() {
+                mine.ca_file = s.ca_file;
+            }
+            if s.cert_file.is_some() {
+                mine.cert_file = s.cert_file;
+            }
+            if s.key_file.is_some() {
+                mine.key_file = s.key_file;
+            }
+        }
+        if let Some(i) = later.ingress {
+            let mine = self.ingress.get_or_insert_with(IngressLayer::default);
+            if i.listen.is_some() {
+                mine.listen = i.listen;
+            }
+            if !i.routes.is_empty() {
+                mine.routes = i.routes;
+            }
+            if i.affinity.is_some() {
+                mine.affinity = i.affinity;
+            }
+        }
+        self
+    }
+
+    /// Validates the merged layers into a `Config`, applying defaults.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let dev = self.dev.unwrap_or(false);
+        let loopback = if dev { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+        let cluster = self.cluster.unwrap_or_else(|| if dev { "dev".into() } else { "default".into() });
+        check_name("cluster", &cluster)?;
+        if let Some(id) = &self.node_id {
+            check_name("node_id", id)?;
+        }
+        let region = match self.region {
+            Some(r) => r,
+            None if dev => "local".into(),
+            None => {
+                return Err(ConfigError::new(
+                    "region",
+                    "",
+                    "a region label such as us-east (required outside --dev; set region, AGENT_REGION or --region)",
+                ));
+            }
+        };
+        check_name("region", &region)?;
+        let zone = self.zone.unwrap_or_else(|| format!("{region}-a"));
+        check_name("zone", &zone)?;
+        let data_dir = match self.data_dir {
+            Some(d) => Some(d),
+            None if dev => None,
+            None => Some(PathBuf::from("/var/lib/grapevine")),
+        };
+        let gossip_addr = socket_addr("gossip_addr", self.gossip_addr.as_deref(), SocketAddr::new(loopback, 7946))?;
+        let data_addr = socket_addr("data_addr", self.data_addr.as_deref(), SocketAddr::new(loopback, 7947))?;
+        let gossip_advertise = optional_socket_addr("gossip_advertise", self.gossip_advertise.as_deref())?;
+        let data_advertise = optional_socket_addr("data_advertise", self.data_advertise.as_deref())?;
+        let admin_addr = socket_addr(
+            "admin_addr",
+            self.admin_addr.as_deref(),
+            DEFAULT_ADMIN_ADDR.parse().unwrap_or_else(|_| unreachable!()),
+        )?;
+        let dns_addr =
+            socket_addr("dns_addr", self.dns_addr.as_deref(), SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8600))?;
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(ConfigError::new("log_format", other, "text or json")),
+        };
+        let log_level = self.log_level.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::new(
+                "log_level",
+                log_level,
+                "a tracing filter such as info or grapevine=debug,warn",
+            ));
+        }
+        let gossip = GossipSettings {
+            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "1s", ms(50), secs(60))?,
+            phi_threshold: float_in("phi_threshold", self.phi_threshold.as_deref(), 8.0, 1.0, 50.0)?,
+            dead_node_grace: duration_in(
+                "dead_node_grace",
+                self.dead_node_grace.as_deref(),
+                "10m",
+                secs(10),
+                secs(7 * 86400),
+            )?,
+            reprobe_interval: duration_in(
+                "reprobe_interval",
+                self.reprobe_interval.as_deref(),
+                "5s",
+                ms(100),
+                secs(3600),
+            )?,
+        };
+        let events = EventSettings {
+            max_payload: int_in("event_max_payload", self.event_max_payload.as_deref(), 512, 0, 8192)? as usize,
+            ttl: duration_in("event_ttl", self.event_ttl.as_deref(), "60s", secs(1), secs(3600))?,
+        };
+        let drain_timeout =
+            duration_in("drain_timeout", self.drain_timeout.as_deref(), "10s", Duration::ZERO, secs(3600))?;
+        let s = self.security.unwrap_or_default();
+        let security = Security {
+            cluster_key_file: s.cluster_key_file,
+            ca_file: s.ca_file,
+            cert_file: s.cert_file,
+            key_file: s.key_file,
+        };
+        if !dev && security.cluster_key_file.is_none() {
+            return Err(ConfigError::new(
+                "cluster_key_file",
+                "",
+                "a keyring file (create one with `agent keygen > cluster.key`); required outside --dev",
+            ));
+        }
+        let mut services = Vec::new();
+        for s in self.services.unwrap_or_default() {
+            let svc = resolve_service(s)?;
+            if services.iter().any(|o: &ServiceConfig| o.name == svc.name) {
+                return Err(ConfigError::new("service", svc.name, "each service at most once per agent"));
+            }
+            services.push(svc);
+        }
+        let mut upstreams = Vec::new();
+        for u in self.upstreams.unwrap_or_default() {
+            check_name("upstream.service", &u.service)?;
+            let listen = socket_addr("upstream.listen", Some(&u.listen), gossip_addr)?;
+            upstreams.push(UpstreamConfig { service: u.service, listen });
+        }
+        let ingress = match self.ingress {
+            None => None,
+            Some(i) => {
+                let listen = match i.listen {
+                    Some(l) => socket_addr("ingress.listen", Some(&l), gossip_addr)?,
+                    None => {
+                        return Err(ConfigError::new(
+                            "ingress.listen",
+                            "",
+                            "an address such as 0.0.0.0:8080 when ingress routes are set",
+                        ));
+                    }
+                };
+                for r in &i.routes {
+                    check_name("ingress.routes.service", &r.service)?;
+                    if let Some(p) = &r.path_prefix
+                        && !p.starts_with('/')
+                    {
+                        return Err(ConfigError::new("ingress.routes.path_prefix", p, "a path starting with '/'"));
+                    }
+                }
+                let affinity = i.affinity.unwrap_or_default();
+                if let Some(f) = &affinity.fallback
+                    && f != "client_ip"
+                    && f != "none"
+                {
+                    return Err(ConfigError::new("ingress.affinity.fallback", f, "client_ip or none"));
+                }
+                Some(IngressConfig { listen, routes: i.routes, affinity })
+            }
+        };
+        Ok(Config {
+            dev,
+            cluster,
+            node_id: self.node_id,
+            region,
+            zone,
+            data_dir,
+            join: self.join.unwrap_or_default(),
+            gossip_addr,
+            gossip_advertise,
+            data_addr,
+            data_advertise,
+            admin_addr,
+            dns_addr,
+            log_format,
+            log_level,
+            drain_timeout,
+            gossip,
+            events,
+            security,
+            services,
+            upstreams,
+            ingress,
+        })
+    }
+}
+
+/// Loads the configuration: defaults, then `file`, then the environment, then `flags`.
+pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Result<Config, ConfigError> {
+    let mut layer = Layer::default();
+    let file = file.map(PathBuf::from).or_else(|| env.var("AGENT_CONFIG").map(PathBuf::from));
+    if let Some(path) = file {
+        layer = layer.merge(Layer::from_file(&path)?);
+    }
+    layer.merge(Layer::from_env(env)?).merge(flags).resolve()
+}
+
+pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
+    check_name("service.name", &s.name)?;
+    if s.port == 0 {
+        return Err(ConfigError::new("service.port", "0", "a port from 1 to 65535"));
+    }
+    let weight = s.weight.unwrap_or(grapevine_ring::DEFAULT_WEIGHT);
+    if weight == 0 || weight > grapevine_ring::MAX_WEIGHT {
+        return Err(ConfigError::new(
+            "service.weight",
+            weight.to_string(),
+            format!("1 to {}", grapevine_ring::MAX_WEIGHT),
+        ));
+    }
+    let check = match s.check {
+        None => None,
+        Some(c) => {
+            let target = match (c.http, c.tcp) {
+                (Some(url), None) => {
+                    if !(url.starts_with("http://")) {
+                        return Err(ConfigError::new("service.check.http", url, "an http:// URL"));
+                    }
+                    CheckTarget::Http(url)
+                }
+                (None, Some(addr)) => CheckTarget::Tcp(addr),
+                _ => return Err(ConfigError::new("service.check", "", "exactly one of http or tcp")),
+            };
+            let interval = duration_in("service.check.interval", c.interval.as_deref(), "2s", ms(100), secs(3600))?;
+            let timeout = duration_in("service.check.timeout", c.timeout.as_deref(), "1s", ms(10), secs(600))?;
+            if timeout > interval {
+                return Err(ConfigError::new(
+                    "service.check.timeout",
+                    humantime::format_duration(timeout).to_string(),
+                    "at most the check interval",
+                ));
+            }
+            let rise = c.rise.unwrap_or(2);
+            let fall = c.fall.unwrap_or(2);
+            if !(1..=100).contains(&rise) {
+                return Err(ConfigError::new("service.check.rise", rise.to_string(), "1 to 100"));
+            }
+            if !(1..=100).contains(&fall) {
+                return Err(ConfigError::new("service.check.fall", fall.to_string(), "1 to 100"));
+            }
+            Some(Check { target, interval, timeout, rise, fall })
+        }
+    };
+    Ok(ServiceConfig {
+        name: s.name,
+        port: s.port,
+        weight,
+        pinned_to_region: s.pinned_to_region.unwrap_or(false),
+        check,
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// Compact list forms shared by flags and env vars.
+
+const SERVICE_OPTIONS: &[&str] = &["check", "tcp_check", "weight", "pinned", "interval", "timeout", "rise", "fall"];
+const ROUTE_OPTIONS: &[&str] = &["host", "path_prefix", "service"];
+
+/// Splits a comma-separated env var of specs whose own options are comma-separated too: a
+/// `key=value` item whose key is one of `options` belongs to the spec before it.
+fn split_specs(v: &str, options: &[&str]) -> Vec<String> {
+    let mut specs: Vec<String> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let key = item.split('=').next().unwrap_or("");
+        let starts_new = if options == ROUTE_OPTIONS {
+            // A route starts at host= or path_prefix= unless the current one lacks it.
+            specs.last().is_none_or(|cur| cur.contains("service=") && key != "service")
+        } else {
+            !options.contains(&key)
+        };
+        match specs.last_mut() {
+            Some(cur) if !starts_new => {
+                cur.push(',');
+                cur.push_str(item);
+            }
+            _ => specs.push(item.to_string()),
+        }
+    }
+    specs
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// `profile=3000[,check=http://...][,tcp_check=ADDR][,weight=N][,pinned=true][,interval=2s][,timeout=1s][,rise=N][,fall=N]`
+pub fn parse_service_spec(setting: &str, spec: &str) -> Result<ServiceLayer, ConfigError> {
+    let bad = |allowed: &str| ConfigError::new(setting, spec, allowed);
+    let mut parts = spec.split(',');
+    let first = parts.next().unwrap_or("");
+    let (name, port) = first.split_once('=').ok_or_else(|| bad("NAME=PORT[,check=URL][,weight=N][,pinned=true]"))?;
+    let port: u16 = port.parse().map_err(|_| bad("NAME=PORT with PORT from 1 to 65535"))?;
+    let mut s = ServiceLayer { name: name.to_string(), port, ..Default::default() };
+    let mut check = CheckLayer::default();
+    let mut has_check = false;
+    for part in parts {
+        let (k, v) = part.split_once('=').ok_or_else(|| bad("options as key=value"))?;
+        match k {
+            "check" => {
+                check.http = Some(v.to_string());
+                has_check = true;
+            }
+            "tcp_check" => {
+                check.tcp = Some(v.to_string());
+                has_check = true;
+            }
+            "weight" => s.weight = Some(v.parse().map_err(|_| bad("weight=N with N from 1 to 10000"))?),
+            "pinned" => s.pinned_to_region = Some(parse_bool(setting, v)?),
+            "interval" => check.interval = Some(v.to_string()),
+            "timeout" => check.timeout = Some(v.to_string()),
+            "rise" => check.rise = Some(v.parse().map_err(|_| bad("rise=N"))?),
+            "fall" => check.fall = Some(v.parse().map_err(|_| bad("fall=N"))?),
+            _ => return Err(bad("options check, tcp_check, weight, pinned, interval, timeout, rise, fall")),
+        }
+    }
+    if has_check {
+        s.check = Some(check);
+    }
+    Ok(s)
+}
+
+/// `login=127.0.0.1:9001`
+pub fn parse_upstream_spec(setting: &str, spec: &str) -> Result<UpstreamLayer, ConfigError> {
+    let (service, listen) = spec
+        .split_once('=')
+        .ok_or_else(|| ConfigError::new(setting, spec, "SERVICE=ADDR such as login=127.0.0.1:9001"))?;
+    Ok(UpstreamLayer { service: service.to_string(), listen: listen.to_string() })
+}
+
+/// `host=H,service=S` or `path_prefix=/p,service=S`
+pub fn parse_route_spec(setting: &str, spec: &str) -> Result<IngressRoute, ConfigError> {
+    let bad = || ConfigError::new(setting, spec, "host=H,service=S or path_prefix=/p,service=S");
+    let mut r = IngressRoute::default();
+    for part in spec.split(',') {
+        match part.split_once('=').ok_or_else(bad)? {
+            ("host", v) => r.host = Some(v.to_string()),
+            ("path_prefix", v) => r.path_prefix = Some(v.to_string()),
+            ("service", v) => r.service = v.to_string(),
+            _ => return Err(bad()),
+        }
+    }
+    if r.service.is_empty() {
+        return Err(bad());
+    }
+    Ok(r)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Scalar parsing.
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+fn parse_bool(setting: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::new(setting, v, "true or false")),
+    }
+}
+
+pub fn check_name(setting: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(ConfigError::new(setting, v, NAME_ALLOWED)) }
+}
+
+fn socket_addr(setting: &str, v: Option<&str>, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| ConfigError::new(setting, v, "an IP address and port such as 127.0.0.1:7070")),
+    }
+}
+
+fn optional_socket_addr(setting: &str, v: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(v) => match v.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                Err(ConfigError::new(setting, v, "an address peers can dial (not 0.0.0.0)"))
+            }
+            Ok(a) => Ok(Some(a)),
+            Err(_) => {
+                // A DNS name is allowed for advertise addresses: resolved once at start.
+                v.to_socket_addrs().ok().and_then(|mut it| it.next()).map(Some).ok_or_else(|| {
+                    ConfigError::new(setting, v, "an address and port peers can dial, such as 203.0.113.4:7946")
+                })
+            }
+        },
+    }
+}
+
+fn duration_in(
+    setting: &str,
+    v: Option<&str>,
+    default: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let text = v.unwrap_or(default);
+    let allowed = || {
+        format!(
+            "a duration such as 500ms, 2s or 1m, from {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        )
+    };
+    let d = humantime::parse_duration(text).map_err(|_| ConfigError::new(setting, text, allowed()))?;
+    if d < min || d > max {
+        return Err(ConfigError::new(setting, text, allowed()));
+    }
+    Ok(d)
+}
+
+fn float_in(setting: &str, v: Option<&str>, default: f64, min: f64, max: f64) -> Result<f64, ConfigError> {
+    let Some(text) = v else { return Ok(default) };
+    match text.parse::<f64>() {
+        Ok(f) if (min..=max).contains(&f) => Ok(f),
+        _ => Err(ConfigError::new(setting, text, format!("a number from {min} to {max}"))),
+    }
+}
+
+fn int_in(setting: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let Some(text) = v else { return Ok(default) };
+    match text.parse::<u64>() {
+        Ok(i) if (min..=max).contains(&i) => Ok(i),
+        _ => Err(ConfigError::new(setting, text, format!("a whole number from {min} to {max}"))),
+    }
+}
+
+/// Picks the setting name out of serde's "unknown field `x`" or "invalid type ... for key `x`".
+fn unknown_field(msg: &str) -> Option<String> {
+    let start = msg.find('`')? + 1;
+    let end = msg[start..].find('`')? + start;
+    Some(msg[start..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const FILE: &str = r#"
+cluster = "prod"
+node_id = "web-1"
+region = "us-east"
+zone = "us-east-1a"
+data_dir = "/tmp/gv"
+join = ["10.0.0.5:7946", "seed.example.com:7946"]
+gossip_addr = "0.0.0.0:7946"
+admin_addr = "127.0.0.1:7070"
+gossip_interval = "500ms"
+phi_threshold = 6
+
+[security]
+cluster_key_file = "/etc/grapevine/cluster.key"
+
+[[service]]
+name = "profile"
+port = 3000
+weight = 100
+pinned_to_region = false
+check = { http = "http://127.0.0.1:3000/healthz", interval = "2s", timeout = "1s" }
+
+[[upstream]]
+service = "login"
+listen = "127.0.0.1:9001"
+
+[ingress]
+listen = "0.0.0.0:8080"
+routes = [ { host = "profile.example.com", service = "profile" },
+           { path_prefix = "/login", service = "login" } ]
+affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
+"#;
+
+    #[test]
+    fn the_design_example_file_parses() {
+        let c = Layer::from_toml(FILE).unwrap().resolve().unwrap();
+        assert_eq!(c.cluster, "prod");
+        assert_eq!(c.node_id.as_deref(), Some("web-1"));
+        assert_eq!(c.join.len(), 2);
+        assert_eq!(c.gossip.interval, Duration::from_millis(500));
+        assert_eq!(c.gossip.phi_threshold, 6.0);
+        assert_eq!(
+            c.services[0].check.as_ref().unwrap().target,
+            CheckTarget::Http("http://127.0.0.1:3000/healthz".into())
+        );
+        assert_eq!(c.upstreams[0].listen, "127.0.0.1:9001".parse().unwrap());
+        let ingress = c.ingress.unwrap();
+        assert_eq!(ingress.routes.len(), 2);
+        assert_eq!(ingress.affinity.cookie.as_deref(), Some("meteor_login_token"));
+    }
+
+    #[test]
+    fn later_sources_win() {
+        let file = Layer::from_toml(FILE).unwrap();
+        let e = env(&[("AGENT_REGION", "us-west"), ("AGENT_ZONE", "us-west-2a"), ("AGENT_JOIN", "a:1, b:2")]);
+        let mut flags = Layer::default();
+        flags.set_scalar("zone", "us-west-2b".into());
+        let c = file.merge(Layer::from_env(&e).unwrap()).merge(flags).resolve().unwrap();
+        assert_eq!(c.cluster, "prod"); // file
+        assert_eq!(c.region, "us-west"); // env over file
+        assert_eq!(c.zone, "us-west-2b"); // flag over env
+        assert_eq!(c.join, ["a:1", "b:2"]); // env list, comma-separated
+    }
+
+    #[test]
+    fn env_lists_of_services_keep_their_options() {
+        let e = env(&[
+            ("AGENT_DEV", "true"),
+            ("AGENT_SERVICE", "profile=3000,check=http://127.0.0.1:3000/healthz,weight=50,login=4000"),
+            ("AGENT_UPSTREAM", "login=127.0.0.1:9001,profile=127.0.0.1:9002"),
+            ("AGENT_INGRESS_LISTEN", "127.0.0.1:8080"),
+            ("AGENT_INGRESS_ROUTE", "host=a.example,service=profile,path_prefix=/login,service=login"),
+        ]);
+        let c = Layer::from_env(&e).unwrap().resolve().unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].weight, 50);
+        assert!(c.services[0].check.is_some());
+        assert_eq!(c.services[1].name, "login");
+        assert_eq!(c.upstreams.len(), 2);
+        let routes = c.ingress.unwrap().routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[1].path_prefix.as_deref(), Some("/login"));
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting_and_what_is_allowed() {
+        let cases: &[(&str, &str)] = &[
+            ("dev = true\ngossip_addr = \"nonsense\"", "gossip_addr"),
+            ("dev = true\ngossip_interval = \"fast\"", "gossip_interval"),
+            ("dev = true\nphi_threshold = 0", "phi_threshold"),
+            ("dev = true\nregion = \"us east\"", "region"),
+            ("dev = true\nlog_format = \"xml\"", "log_format"),
+            ("dev = true\ncolour = \"blue\"", "colour"),
+            ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service.port"),
+            ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service.check.http"),
+            ("[security]\ncluster_key_file = \"k\"", "region"),
+            ("region = \"r\"", "cluster_key_file"),
+        ];
+        for (text, setting) in cases {
+            let err = Layer::from_toml(text).and_then(Layer::resolve).unwrap_err();
+            assert_eq!(&err.setting, setting, "{text}: {err}");
+            assert!(!err.allowed.is_empty());
+        }
+        let err = Layer::from_env(&env(&[("AGENT_DEV", "maybe")])).unwrap_err();
+        assert_eq!(err.setting, "AGENT_DEV");
+        assert!(err.to_string().contains("true or false"), "{err}");
+    }
+
+    #[test]
+    fn dev_needs_nothing_else() {
+        let c = Layer { dev: Some(true), ..Default::default() }.resolve().unwrap();
+        assert_eq!(c.region, "local");
+        assert_eq!(c.gossip_addr, "127.0.0.1:7946".parse().unwrap());
+        assert!(c.data_dir.is_none());
+    }
+}

@@ -1,0 +1,253 @@
+//! `agent run`: bind, start, serve, and on SIGTERM, SIGINT or `agent leave` shut down in order:
+//! stop taking new work (draining), let open work finish (bounded), leave, exit.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::cluster::snapshot::LocalNode;
+use crate::config::{Config, ConfigError};
+use crate::events::EventHub;
+use crate::membership::keyring::Keyring;
+use crate::membership::transport::Wire;
+use crate::membership::{Membership, MembershipConfig, unix_ms};
+use crate::metrics::Metrics;
+use crate::services::LocalServices;
+
+/// Why the agent could not run: a setting (exit code 2) or anything else (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Runtime(#[from] anyhow::Error),
+}
+
+/// What the agent reads before binding anything, so a bad setting stops it early.
+#[derive(Debug)]
+pub struct Prepared {
+    pub config: Config,
+    pub keyring: Keyring,
+    pub node_id: String,
+    pub generation: u64,
+}
+
+/// Loads the keyring and the node identity. No socket is bound yet.
+pub fn prepare(config: Config) -> Result<Prepared, RunError> {
+    let keyring = match &config.security.cluster_key_file {
+        Some(path) => Keyring::from_file(path).map_err(|e| ConfigError {
+            setting: "cluster_key_file".into(),
+            value: path.display().to_string(),
+            allowed: format!("a readable file of base64 keys, one per line ({e}); create one with `agent keygen`"),
+        })?,
+        None => Keyring::generate(),
+    };
+    if let Some(dir) = &config.data_dir {
+        std::fs::create_dir_all(dir).map_err(|e| ConfigError {
+            setting: "data_dir".into(),
+            value: dir.display().to_string(),
+            allowed: format!("a directory this user can create and write ({e})"),
+        })?;
+    }
+    let node_id = node_id(&config).context("choosing the node id")?;
+    let generation = generation(config.data_dir.as_deref()).context("choosing the generation")?;
+    Ok(Prepared { config, keyring, node_id, generation })
+}
+
+/// The node id: configured, or kept in the data dir, or hostname + random suffix (then kept).
+fn node_id(config: &Config) -> anyhow::Result<String> {
+    let file = config.data_dir.as_ref().map(|d| d.join("node_id"));
+    if let Some(id) = &config.node_id {
+        if let Some(f) = &file {
+            std::fs::write(f, id)?;
+        }
+        return Ok(id.clone());
+    }
+    if let Some(f) = &file
+        && let Ok(id) = std::fs::read_to_string(f)
+    {
+        let id = id.trim().to_string();
+        if crate::config::check_name("node_id", &id).is_ok() {
+            return Ok(id);
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+    let suffix: String =
+        (0..6).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random_range(0..36)])).collect();
+    let id = format!("{}-{suffix}", if host.is_empty() { "node" } else { &host });
+    if let Some(f) = &file {
+        std::fs::write(f, &id)?;
+    }
+    Ok(id)
+}
+
+/// A generation larger than any this node used before: wall-clock milliseconds, bumped past
+/// the last one kept in the data dir (clocks can step back).
+fn generation(data_dir: Option<&Path>) -> anyhow::Result<u64> {
+    let mut g = unix_ms();
+    if let Some(dir) = data_dir {
+        let f = dir.join("generation");
+        if let Some(last) = std::fs::read_to_string(&f).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            g = g.max(last + 1);
+        }
+        std::fs::write(&f, g.to_string())?;
+    }
+    Ok(g)
+}
+
+/// The address peers should dial for a socket bound at `bound`: itself if specific; if bound
+/// to 0.0.0.0, this host's outbound address.
+fn advertise_for(bound: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    // Connecting a UDP socket sends nothing; it only asks the kernel which source address
+    // it would use.
+    let ip = StdUdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    SocketAddr::new(ip, bound.port())
+}
+
+/// Runs the agent until a signal or `agent leave`.
+pub async fn run(prepared: Prepared) -> Result<(), RunError> {
+    let Prepared { config, keyring, node_id, generation } = prepared;
+    let metrics = Arc::new(Metrics::new());
+
+    let socket = tokio::net::UdpSocket::bind(config.gossip_addr)
+        .await
+        .with_context(|| format!("cannot bind gossip_addr {} (UDP)", config.gossip_addr))?;
+    let gossip_bound = socket.local_addr().context("reading the gossip address")?;
+    let gossip_advertise = config.gossip_advertise.unwrap_or_else(|| advertise_for(gossip_bound));
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind admin_addr {} (TCP)", config.admin_addr))?;
+    let admin_bound = admin_listener.local_addr().context("reading the admin address")?;
+
+    let local = LocalNode {
+        id: node_id.clone(),
+        region: config.region.clone(),
+        zone: config.zone.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        cluster: config.cluster.clone(),
+    };
+    let events = Arc::new(EventHub::new(metrics.clone(), config.events.max_payload, config.events.ttl, unix_ms()));
+    let wire = Wire::new(socket, keyring, &config.cluster, metrics.clone());
+    let membership = Arc::new(
+        Membership::start(
+            MembershipConfig {
+                local,
+                generation,
+                gossip_advertise,
+                // The data plane announces its address once it listens.
+                data_advertise: config.data_advertise,
+                seeds: config.join.clone(),
+                gossip: config.gossip.clone(),
+                event_ttl: config.events.ttl,
+            },
+            wire,
+            events.clone(),
+            metrics.clone(),
+        )
+        .await?,
+    );
+
+    let services = Arc::new(LocalServices::new(config.services.clone(), config.data_dir.as_deref())?);
+    let publisher = {
+        let (services, membership) = (services.clone(), membership.clone());
+        tokio::spawn(async move {
+            let mut changes = services.subscribe();
+            loop {
+                membership.set_services(&services.records()).await;
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let checks = tokio::spawn(crate::health::supervise(services.clone(), metrics.clone()));
+
+    let (leave_tx, mut leave_rx) = watch::channel(false);
+    let (stop_admin_tx, mut stop_admin_rx) = watch::channel(false);
+    let admin_state = AdminState {
+        snapshots: membership.snapshots(),
+        membership: membership.clone(),
+        events,
+        services: services.clone(),
+        metrics,
+        leave: leave_tx,
+    };
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
+        let _ = stop_admin_rx.wait_for(|stop| *stop).await;
+    }));
+
+    tracing::info!(
+        node_id = %node_id,
+        cluster = %config.cluster,
+        region = %config.region,
+        gossip_addr = %gossip_bound,
+        gossip_advertise = %gossip_advertise,
+        admin_addr = %admin_bound,
+        generation,
+        "agent ready"
+    );
+
+    let why = wait_for_stop(&mut leave_rx).await;
+    tracing::info!(reason = why, "leaving the cluster: draining, then announcing the leave");
+    services.drain_all();
+    membership.set_draining().await;
+    // Until the data plane carries connections, nothing is open here to wait for; a short pause
+    // lets the drain announcement spread before the leave replaces it.
+    tokio::time::sleep(config.drain_timeout.min(config.gossip.interval)).await;
+    membership.leave().await;
+    let _ = stop_admin_tx.send(true);
+    publisher.abort();
+    checks.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
+    tracing::info!("left the cluster; exiting");
+    Ok(())
+}
+
+async fn wait_for_stop(leave: &mut watch::Receiver<bool>) -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = leave.wait_for(|l| *l).await;
+            return "agent leave";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = leave.wait_for(|l| *l) => "agent leave",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_and_generation_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Layer { dev: Some(true), ..Default::default() }.resolve().unwrap();
+        config.data_dir = Some(dir.path().to_path_buf());
+        let first = node_id(&config).unwrap();
+        assert_eq!(node_id(&config).unwrap(), first);
+        let g1 = generation(Some(dir.path())).unwrap();
+        let g2 = generation(Some(dir.path())).unwrap();
+        assert!(g2 > g1);
+        assert_eq!(advertise_for("10.1.2.3:7946".parse().unwrap()), "10.1.2.3:7946".parse().unwrap());
+        assert_ne!(advertise_for("0.0.0.0:7946".parse().unwrap()).ip(), IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+}

@@ -1,0 +1,174 @@
+//! Cluster events: named, best-effort messages that reach every live member within seconds,
+//! once each, like Serf's user events. They travel as short-lived gossip keys; each agent
+//! deduplicates by event id and hands them to its watchers (`GET /v1/events`).
+//!
+//! Best effort means: an event fired during a partition reaches the other side only if the
+//! partition heals before the event expires (`event_ttl`), and an agent that was down misses
+//! it. Durable work queues belong in a broker (NATS, RabbitMQ, Kafka), not here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::config::check_name;
+use crate::metrics::Metrics;
+
+/// An event as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    pub name: String,
+    pub payload: String,
+    /// The node that fired it.
+    pub origin: String,
+    /// Wall-clock milliseconds since the Unix epoch, on the origin.
+    pub fired_at_ms: u64,
+}
+
+/// The gossiped value of an event key (`ev:<id>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventBody {
+    pub name: String,
+    pub payload: String,
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("invalid event name {0:?}: 1 to 63 characters from a-z, A-Z, 0-9, '-', '_' and '.'")]
+    BadName(String),
+    #[error("event payload is {size} bytes; the limit is {limit} (event_max_payload)")]
+    TooLarge { size: usize, limit: usize },
+}
+
+/// How far back an event may have been fired and still be delivered by an agent that just
+/// started (allows for clock skew between hosts); older ones were meant for earlier members.
+const STARTUP_SKEW_MS: u64 = 5_000;
+/// Most event ids remembered for deduplication.
+const SEEN_CAP: usize = 50_000;
+
+/// Deduplicates incoming events and fans them out to watchers.
+#[derive(Debug)]
+pub struct EventHub {
+    tx: broadcast::Sender<Event>,
+    seen: Mutex<Seen>,
+    metrics: Arc<Metrics>,
+    max_payload: usize,
+    ttl: Duration,
+    started_at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: BTreeMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl EventHub {
+    pub fn new(metrics: Arc<Metrics>, max_payload: usize, ttl: Duration, started_at_ms: u64) -> EventHub {
+        let (tx, _) = broadcast::channel(1024);
+        EventHub { tx, seen: Mutex::new(Seen::default()), metrics, max_payload, ttl, started_at_ms }
+    }
+
+    /// Checks an event about to be fired here.
+    pub fn validate(&self, name: &str, payload: &str) -> Result<(), EventError> {
+        check_name("event", name).map_err(|_| EventError::BadName(name.to_string()))?;
+        if payload.len() > self.max_payload {
+            return Err(EventError::TooLarge { size: payload.len(), limit: self.max_payload });
+        }
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Takes an event key seen in gossip (`id` is the key without its prefix).
+    pub fn accept(&self, id: &str, value: &str, origin: &str) {
+        let Ok(body) = serde_json::from_str::<EventBody>(value) else {
+            self.metrics.event("rejected");
+            return;
+        };
+        if self.validate(&body.name, &body.payload).is_err() {
+            self.metrics.event("rejected");
+            return;
+        }
+        if body.at + STARTUP_SKEW_MS < self.started_at_ms {
+            // Fired before this agent started: not ours to deliver.
+            self.metrics.event("stale");
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let horizon = self.ttl * 2;
+            while let Some((at, _)) = seen.order.front() {
+                if now.duration_since(*at) < horizon && seen.order.len() < SEEN_CAP {
+                    break;
+                }
+                if let Some((_, old)) = seen.order.pop_front() {
+                    seen.ids.remove(&old);
+                }
+            }
+            if seen.ids.contains_key(id) {
+                self.metrics.event("duplicate");
+                return;
+            }
+            seen.ids.insert(id.to_string(), now);
+            seen.order.push_back((now, id.to_string()));
+        }
+        self.metrics.event("received");
+        let event = Event {
+            id: id.to_string(),
+            name: body.name,
+            payload: body.payload,
+            origin: origin.to_string(),
+            fired_at_ms: body.at,
+        };
+        if self.tx.send(event).is_ok() {
+            self.metrics.event("delivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> EventHub {
+        EventHub::new(Arc::new(Metrics::new()), 16, Duration::from_secs(60), 1_000_000)
+    }
+
+    fn body(name: &str, payload: &str, at: u64) -> String {
+        serde_json::to_string(&EventBody { name: name.into(), payload: payload.into(), at }).unwrap()
+    }
+
+    #[tokio::test]
+    async fn delivers_each_event_once() {
+        let hub = hub();
+        let mut rx = hub.subscribe();
+        hub.accept("n1.1.1", &body("deploy", "v2", 1_000_000), "n1");
+        hub.accept("n1.1.1", &body("deploy", "v2", 1_000_000), "n1");
+        hub.accept("n1.1.2", &body("flush", "", 1_000_001), "n1");
+        assert_eq!(rx.recv().await.unwrap().name, "deploy");
+        assert_eq!(rx.recv().await.unwrap().name, "flush");
+        assert!(rx.try_recv().is_err());
+        assert!(hub.metrics.render().contains("grapevine_events_total{kind=\"duplicate\"} 1"));
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_and_stale_events() {
+        let hub = hub();
+        let mut rx = hub.subscribe();
+        hub.accept("a", "not json", "n1");
+        hub.accept("b", &body("x", &"p".repeat(17), 1_000_000), "n1");
+        hub.accept("c", &body("bad name", "", 1_000_000), "n1");
+        hub.accept("d", &body("old", "", 1_000), "n1");
+        assert!(rx.try_recv().is_err());
+        assert_eq!(hub.validate("ok", &"p".repeat(17)), Err(EventError::TooLarge { size: 17, limit: 16 }));
+    }
+}

@@ -1,0 +1,29 @@
+//! grapevine-agent: the sidecar daemon and the `agent` command.
+//!
+//! # Layout
+//!
+//! - `main.rs`: parse the command line, hand over. `cli.rs`: the clap definitions.
+//! - `config.rs`: `Config`, its defaults, the file/env/flag merge and validation.
+//! - `daemon.rs`: `agent run`: binds, starts membership, health checks and the admin API,
+//!   and shuts down in order (drain, leave, exit).
+//! - `membership/`: the chitchat adapter, the sealed UDP transport and the keyring. Nothing
+//!   outside it names a chitchat type.
+//! - `cluster/`: the immutable snapshot and routing decisions (pure).
+//! - `services.rs`, `health.rs`: the services this agent fronts and their checks.
+//! - `events.rs`: cluster events (dedup and fan-out to watchers).
+//! - `admin.rs`, `api.rs`: the admin HTTP API and its JSON documents.
+//! - `client.rs`: the client commands and their tables.
+//! - `metrics.rs`: the Prometheus registry.
+
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod health;
+pub mod membership;
+pub mod metrics;
+pub mod services;

@@ -1,0 +1,307 @@
+//! The sealed UDP transport under chitchat, shared with the RTT pinger.
+//!
+//! Every datagram is `seal(frame)`, where a frame is one type byte and a body: chitchat's own
+//! message encoding (type 0), or a ping or pong carrying a 64-bit id (types 1 and 2). A datagram
+//! that does not open, or opens to an unknown type or a body chitchat cannot decode, is dropped
+//! and counted by reason, never returned to chitchat, and logged at most once per interval.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chitchat::transport::{Socket, Transport};
+use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use super::keyring::{Keyring, OVERHEAD};
+use crate::metrics::Metrics;
+
+const FRAME_GOSSIP: u8 = 0;
+const FRAME_PING: u8 = 1;
+const FRAME_PONG: u8 = 2;
+
+/// The largest UDP payload over IPv4; chitchat sizes its messages to this.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Receive buffer: one byte more than any valid datagram, so oversized ones are detectable.
+const RECV_BUFFER: usize = MAX_DATAGRAM + 1;
+
+/// Logs a warning at most once per `every`, with how many were suppressed.
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    pub fn new(every: Duration) -> Self {
+        RateLimitedLog { every, state: Mutex::new((None, 0)) }
+    }
+
+    /// Returns how many events to report now (this one included), or None to stay quiet.
+    pub fn tick(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 += 1;
+        let now = Instant::now();
+        if s.0.is_none_or(|last| now.duration_since(last) >= self.every) {
+            s.0 = Some(now);
+            let n = s.1;
+            s.1 = 0;
+            Some(n)
+        } else {
+            None
+        }
+    }
+}
+
+/// Round-trip times to peers' gossip addresses, measured by sealed pings.
+#[derive(Debug, Default)]
+pub struct RttTable {
+    inner: Mutex<RttInner>,
+}
+
+#[derive(Debug, Default)]
+struct RttInner {
+    next_id: u64,
+    pending: HashMap<u64, (SocketAddr, Instant)>,
+    /// Smoothed RTT in milliseconds.
+    rtt_ms: HashMap<SocketAddr, f64>,
+}
+
+impl RttTable {
+    fn start(&self, to: SocketAddr) -> u64 {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Forget pings that were never answered.
+        s.pending.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(10));
+        s.next_id = s.next_id.wrapping_add(1);
+        let id = s.next_id;
+        s.pending.insert(id, (to, now));
+        id
+    }
+
+    fn finish(&self, from: SocketAddr, id: u64) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((to, at)) = s.pending.remove(&id) {
+            if to != from {
+                return;
+            }
+            let sample = at.elapsed().as_secs_f64() * 1000.0;
+            let smoothed = match s.rtt_ms.get(&to) {
+                Some(old) => old * 0.8 + sample * 0.2,
+                None => sample,
+            };
+            s.rtt_ms.insert(to, smoothed);
+        }
+    }
+
+    /// The smoothed RTT to `addr` in milliseconds, if measured.
+    pub fn get(&self, addr: &SocketAddr) -> Option<f64> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).rtt_ms.get(addr).copied()
+    }
+
+    pub fn all(&self) -> HashMap<SocketAddr, f64> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).rtt_ms.clone()
+    }
+}
+
+/// The socket, the keyring and the counters, shared by chitchat's socket and the pinger.
+#[derive(Debug)]
+pub struct Wire {
+    socket: Arc<UdpSocket>,
+    keyring: RwLock<Keyring>,
+    cluster: Vec<u8>,
+    metrics: Arc<Metrics>,
+    pub rtt: RttTable,
+    bad_datagram_log: RateLimitedLog,
+}
+
+impl Wire {
+    pub fn new(socket: UdpSocket, keyring: Keyring, cluster: &str, metrics: Arc<Metrics>) -> Arc<Wire> {
+        Arc::new(Wire {
+            socket: Arc::new(socket),
+            keyring: RwLock::new(keyring),
+            cluster: cluster.as_bytes().to_vec(),
+            metrics,
+            rtt: RttTable::default(),
+            bad_datagram_log: RateLimitedLog::new(Duration::from_secs(10)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    fn seal(&self, kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut plain = Vec::with_capacity(1 + body.len());
+        plain.push(kind);
+        plain.extend_from_slice(body);
+        let mut sealed = Vec::with_capacity(plain.len() + OVERHEAD);
+        self.keyring.read().unwrap_or_else(|e| e.into_inner()).seal(&self.cluster, &plain, &mut sealed);
+        sealed
+    }
+
+    /// Sends a sealed frame; errors and oversized frames are counted, never returned.
+    async fn send_frame(&self, to: SocketAddr, kind: u8, body: &[u8]) {
+        let sealed = self.seal(kind, body);
+        if sealed.len() > MAX_DATAGRAM {
+            self.metrics.dropped("oversized_outgoing");
+            tracing::warn!(bytes = sealed.len(), %to, "gossip message too large for one datagram, not sent");
+            return;
+        }
+        match self.socket.send_to(&sealed, to).await {
+            Ok(n) => self.metrics.count_datagram("out", n),
+            Err(e) => {
+                self.metrics.dropped("send_error");
+                tracing::debug!(%to, error = %e, "gossip send failed");
+            }
+        }
+    }
+
+    /// Sends a ping to `to`; the pong updates the RTT table.
+    pub async fn ping(&self, to: SocketAddr) {
+        let id = self.rtt.start(to);
+        self.send_frame(to, FRAME_PING, &id.to_le_bytes()).await;
+    }
+
+    fn drop_datagram(&self, reason: &'static str, from: SocketAddr) {
+        self.metrics.dropped(reason);
+        if let Some(n) = self.bad_datagram_log.tick() {
+            tracing::warn!(%from, reason, count = n, "dropped gossip datagrams that failed to open or parse");
+        }
+    }
+
+    /// Receives until a gossip message arrives, answering pings and recording pongs on the way.
+    /// Cancel-safe: the only await is the socket read; replies use `try_send_to`.
+    async fn recv_gossip(&self, buf: &mut [u8]) -> std::io::Result<(SocketAddr, ChitchatMessage)> {
+        loop {
+            let (len, from) = match self.socket.recv_from(buf).await {
+                Ok(r) => r,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            self.metrics.count_datagram("in", len);
+            if len > MAX_DATAGRAM {
+                self.drop_datagram("oversized", from);
+                continue;
+            }
+            let plain = match self.keyring.read().unwrap_or_else(|e| e.into_inner()).open(&self.cluster, &buf[..len]) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.drop_datagram(e.reason(), from);
+                    continue;
+                }
+            };
+            let Some((&kind, body)) = plain.split_first() else {
+                self.drop_datagram("empty", from);
+                continue;
+            };
+            match kind {
+                FRAME_GOSSIP => {
+                    let mut cursor = body;
+                    match ChitchatMessage::deserialize(&mut cursor) {
+                        Ok(msg) => return Ok((from, msg)),
+                        Err(_) => self.drop_datagram("undecodable", from),
+                    }
+                }
+                FRAME_PING | FRAME_PONG if body.len() == 8 => {
+                    let id = u64::from_le_bytes(body.try_into().unwrap_or_default());
+                    if kind == FRAME_PING {
+                        let pong = self.seal(FRAME_PONG, &id.to_le_bytes());
+                        if let Ok(n) = self.socket.try_send_to(&pong, from) {
+                            self.metrics.count_datagram("out", n);
+                        }
+                    } else {
+                        self.rtt.finish(from, id);
+                    }
+                }
+                _ => self.drop_datagram("unknown_frame", from),
+            }
+        }
+    }
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionRefused | OutOfMemory | Interrupted | WouldBlock)
+}
+
+/// chitchat's `Transport`, over the shared [`Wire`].
+#[derive(Debug)]
+pub struct SealedTransport {
+    pub wire: Arc<Wire>,
+}
+
+#[async_trait]
+impl Transport for SealedTransport {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        // The socket was bound before chitchat started, so that port 0 works and the
+        // advertised address is known.
+        Ok(Box::new(SealedSocket { wire: self.wire.clone(), buf: vec![0; RECV_BUFFER].into_boxed_slice() }))
+    }
+}
+
+struct SealedSocket {
+    wire: Arc<Wire>,
+    buf: Box<[u8]>,
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        let mut body = Vec::with_capacity(msg.serialized_len());
+        msg.serialize(&mut body);
+        self.wire.send_frame(to, FRAME_GOSSIP, &body).await;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        Ok(self.wire.recv_gossip(&mut self.buf).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn wire(keyring: &Keyring, cluster: &str) -> Arc<Wire> {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Wire::new(socket, keyring.clone(), cluster, Arc::new(Metrics::new()))
+    }
+
+    #[tokio::test]
+    async fn gossip_crosses_and_garbage_is_counted() {
+        let key = Keyring::generate();
+        let (a, b) = (wire(&key, "prod").await, wire(&key, "prod").await);
+        let b_addr = b.local_addr().unwrap();
+        let msg = ChitchatMessage::BadCluster;
+        let mut body = Vec::new();
+        msg.serialize(&mut body);
+        a.send_frame(b_addr, FRAME_GOSSIP, &body).await;
+        // Garbage, a foreign cluster, and a ping arrive before the next gossip message.
+        let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        raw.send_to(b"short", b_addr).unwrap();
+        raw.send_to(&[7u8; 100], b_addr).unwrap();
+        let stranger = wire(&key, "staging").await;
+        stranger.send_frame(b_addr, FRAME_GOSSIP, &body).await;
+        a.ping(b_addr).await;
+        a.send_frame(b_addr, FRAME_GOSSIP, &body).await;
+        let mut buf = vec![0; RECV_BUFFER];
+        let (from, got) = b.recv_gossip(&mut buf).await.unwrap();
+        assert_eq!(got, ChitchatMessage::BadCluster);
+        assert_eq!(from, a.local_addr().unwrap());
+        let (_, got) = b.recv_gossip(&mut buf).await.unwrap();
+        assert_eq!(got, ChitchatMessage::BadCluster);
+        let text = b.metrics.render();
+        assert!(text.contains("reason=\"too_short\"} 1"), "{text}");
+        assert!(text.contains("reason=\"unknown_version\"} 1"), "{text}");
+        assert!(text.contains("reason=\"unauthenticated\"} 1"), "{text}");
+        // a's receive loop answers nothing here, but the pong reached a's socket: read it.
+        let mut abuf = vec![0; RECV_BUFFER];
+        let recv = tokio::time::timeout(Duration::from_millis(300), a.recv_gossip(&mut abuf)).await;
+        assert!(recv.is_err(), "a pong is not a gossip message");
+        assert!(a.rtt.get(&b_addr).is_some(), "the pong recorded an RTT");
+    }
+}
