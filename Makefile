@@ -8,6 +8,7 @@ demo: deps
 
 test: deps lint
 	$(CARGO) test --workspace --doc --quiet
+	$(CARGO) build -p grapevine-agent --bin agent
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 lint:

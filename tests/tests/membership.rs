@@ -1,0 +1,303 @@
+//! Membership, health, events and the CLI, end to end with real agents on 127.0.0.1.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use grapevine_tests::{AgentOpts, Backend, Cluster, wait_until};
+use serde_json::json;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn all_alive(agents: &[grapevine_tests::Agent], n: usize) -> bool {
+    agents.iter().all(|a| {
+        let s = a.states();
+        s.len() == n && s.values().all(|v| v == "alive")
+    })
+}
+
+#[test]
+fn five_agents_converge_then_see_a_crash_and_a_leave() {
+    let cluster = Cluster::new();
+    let mut agents = cluster.start_many("n", "us-east", 3, None);
+    let seed = agents[0].gossip;
+    agents.extend(cluster.start_many("w", "us-west", 2, Some(seed)));
+    wait_until("all five see five alive", CONVERGE, || all_alive(&agents, 5));
+    let status = agents[4].get("/v1/status");
+    assert_eq!(status["cluster"]["alive"], 5);
+    assert_eq!(status["cluster"]["regions"], json!(["us-east", "us-west"]));
+
+    // kill -9: every survivor marks it dead.
+    let crashed = agents.remove(1);
+    let crashed_id = crashed.id.clone();
+    drop(crashed);
+    wait_until("every survivor marks the crashed agent dead", CONVERGE, || {
+        agents.iter().all(|a| a.state_of(&crashed_id).as_deref() == Some("dead"))
+    });
+
+    // SIGTERM: the others see `left`, not a failure, and it exits 0.
+    let mut leaver = agents.remove(3);
+    let status = leaver.terminate();
+    assert!(status.success(), "SIGTERM exit: {status:?}");
+    wait_until("every survivor sees the leaver as left", CONVERGE, || {
+        agents.iter().all(|a| a.state_of(&leaver.id).as_deref() == Some("left"))
+    });
+    assert!(leaver.log_text().contains("SIGTERM"));
+}
+
+#[test]
+fn agent_leave_command_leaves_and_exits() {
+    let cluster = Cluster::new();
+    let mut agents = cluster.start_many("n", "eu", 3, None);
+    wait_until("three alive", CONVERGE, || all_alive(&agents, 3));
+    let out = cluster.agent_cmd(&["leave", "--admin-addr", &agents[2].admin.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = agents[2].wait_exit(Duration::from_secs(20));
+    assert!(status.success());
+    let id = agents[2].id.clone();
+    wait_until("the others see it left", CONVERGE, || {
+        agents[..2].iter().all(|a| a.state_of(&id).as_deref() == Some("left"))
+    });
+}
+
+#[test]
+fn a_node_with_another_key_never_joins_and_is_counted() {
+    let cluster = Cluster::new();
+    let agents = cluster.start_many("n", "eu", 2, None);
+    wait_until("two alive", CONVERGE, || all_alive(&agents, 2));
+    let other_key = cluster.dir.path().join("other.key");
+    std::fs::write(&other_key, cluster.agent_cmd(&["keygen"]).stdout).unwrap();
+    let mut opts = AgentOpts::new("intruder", "eu").join(agents[0].gossip);
+    opts.key_file = Some(other_key);
+    let intruder = cluster.start(opts);
+    wait_until("the seed counts unauthenticated datagrams", CONVERGE, || {
+        agents[0].metric("grapevine_gossip_dropped_total", "unauthenticated") >= 3.0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for a in &agents {
+        assert_eq!(a.state_of("intruder"), None, "{} lists the intruder", a.id);
+        assert_eq!(a.states().len(), 2);
+    }
+    assert_eq!(intruder.states().len(), 1, "the intruder sees only itself");
+}
+
+#[test]
+fn random_and_oversized_datagrams_change_nothing() {
+    let cluster = Cluster::new();
+    let agents = cluster.start_many("n", "eu", 3, None);
+    wait_until("three alive", CONVERGE, || all_alive(&agents, 3));
+    let target = agents[0].gossip;
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..800usize {
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(20)); // stay under the socket buffer
+        }
+        let len = [0, 1, 41, 42, 43, 100, 1400, 9000][i % 8];
+        let mut buf = vec![0u8; len];
+        for b in &mut buf {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        if i % 3 == 0 && len > 2 {
+            buf[0] = 0x47; // looks like our envelope
+            buf[1] = 0x01;
+        }
+        let _ = sock.send_to(&buf, target);
+    }
+    // The largest datagram UDP can carry (65,507 bytes over IPv4).
+    let _ = sock.send_to(&vec![0x47u8; 65_507], target);
+    wait_until("the garbage is counted", CONVERGE, || {
+        let dropped = agents[0].metric("grapevine_gossip_dropped_total", "reason");
+        dropped >= 700.0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(all_alive(&agents, 3), "membership changed: {:?}", agents[0].states());
+    assert_eq!(agents[0].get("/v1/status")["cluster"]["alive"], 3);
+    assert!(
+        agents[0].metric("grapevine_gossip_dropped_total", "oversized")
+            + agents[0].metric("grapevine_gossip_dropped_total", "unauthenticated")
+            >= 1.0
+    );
+}
+
+#[test]
+fn a_restart_with_the_same_id_rejoins_with_a_new_generation() {
+    let cluster = Cluster::new();
+    let mut agents = cluster.start_many("n", "eu", 3, None);
+    wait_until("three alive", CONVERGE, || all_alive(&agents, 3));
+    let generation = |a: &grapevine_tests::Agent, id: &str| -> u64 {
+        a.get("/v1/members")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["generation"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    let before = generation(&agents[0], "n3");
+    let mut restarted = agents.remove(2);
+    let opts = restarted.opts();
+    restarted.kill();
+    let again = cluster.start(opts);
+    wait_until("the restarted node is alive again with a newer generation", CONVERGE, || {
+        agents.iter().all(|a| a.state_of("n3").as_deref() == Some("alive") && generation(a, "n3") > before)
+    });
+    assert_eq!(again.states().len(), 3);
+}
+
+#[test]
+fn a_failing_health_check_takes_the_instance_out_of_routes() {
+    let cluster = Cluster::new();
+    let backends: Vec<Backend> = (0..3).map(|i| Backend::start(&format!("b{i}"))).collect();
+    let mut agents = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let spec =
+            format!("web={},check=http://{}/healthz,interval=200ms,timeout=150ms,rise=2,fall=2", b.port(), b.addr);
+        let mut opts = AgentOpts::new(&format!("n{i}"), "eu").service(&spec);
+        if let Some(first) = agents.first() {
+            let first: &grapevine_tests::Agent = first;
+            opts = opts.join(first.gossip);
+        }
+        agents.push(cluster.start(opts));
+    }
+    let healthy =
+        |a: &grapevine_tests::Agent| a.try_get("/v1/services/web").and_then(|s| s["healthy"].as_u64()).unwrap_or(0);
+    wait_until("three healthy instances everywhere", CONVERGE, || agents.iter().all(|a| healthy(a) == 3));
+    // Keys owned by n1 go elsewhere once its backend fails its check.
+    let keys: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let chosen = |a: &grapevine_tests::Agent, k: &str| {
+        a.get(&format!("/v1/route/web?key={k}"))["chosen"]["node"].as_str().unwrap_or("").to_string()
+    };
+    let owned_by_n1: Vec<&String> = keys.iter().filter(|k| chosen(&agents[0], k) == "n1").collect();
+    assert!(!owned_by_n1.is_empty());
+    backends[1].healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let took = wait_until("every agent routes around the failing instance", CONVERGE, || {
+        agents.iter().all(|a| healthy(a) == 2)
+    });
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    for k in &keys {
+        for a in &agents {
+            assert_ne!(chosen(a, k), "n1");
+        }
+    }
+    // The CLI agrees.
+    let out = cluster.agent_cmd(&[
+        "route",
+        "web",
+        "--key",
+        owned_by_n1[0],
+        "--json",
+        "--admin-addr",
+        &agents[2].admin.to_string(),
+    ]);
+    let route: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(route["chosen"]["node"], "n1");
+    assert_eq!(route["service"], "web");
+    // It comes back when it recovers.
+    backends[1].healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_until("the instance returns to rotation", CONVERGE, || agents.iter().all(|a| healthy(a) == 3));
+    assert_eq!(chosen(&agents[2], owned_by_n1[0]), "n1");
+    assert!(agents[1].metric("grapevine_health_checks_total", "result=\"fail\"") >= 2.0);
+    agents.clear();
+}
+
+#[test]
+fn an_event_reaches_every_member_once() {
+    let cluster = Cluster::new();
+    let agents = cluster.start_many("n", "eu", 4, None);
+    wait_until("four alive", CONVERGE, || all_alive(&agents, 4));
+    // One watcher per agent, through the CLI.
+    let watchers: Vec<std::process::Child> = agents
+        .iter()
+        .map(|a| {
+            std::process::Command::new(grapevine_tests::agent_bin())
+                .args(["event", "watch", "deploy", "--admin-addr", &a.admin.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, body) = agents[1].post("/v1/events", &json!({"name": "deploy", "payload": "v42"}));
+    assert_eq!(code, 200, "{body}");
+    let out = cluster.agent_cmd(&["event", "fire", "other", "x", "--admin-addr", &agents[2].admin.to_string()]);
+    assert!(out.status.success());
+    // An oversized payload is refused.
+    let (code, _) = agents[0].post("/v1/events", &json!({"name": "big", "payload": "x".repeat(600)}));
+    assert_eq!(code, 413);
+    wait_until("every agent delivered the event", CONVERGE, || {
+        agents.iter().all(|a| a.metric("grapevine_events_total", "kind=\"delivered\"") >= 2.0)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for mut w in watchers {
+        let _ = w.kill();
+        let out = w.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "exactly one deploy event: {lines:?}");
+        let ev: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(ev["payload"], "v42");
+        assert_eq!(ev["origin"], "n2");
+    }
+}
+
+#[test]
+fn api_registrations_survive_a_restart() {
+    let cluster = Cluster::new();
+    let mut a = cluster.start(AgentOpts::new("solo", "eu"));
+    let (code, body) = a.put("/v1/services/profile", &json!({"port": 3000, "weight": 50}));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = a.put("/v1/services/bad", &json!({"port": 0}));
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("service.port"), "{body}");
+    wait_until("the registration shows", CONVERGE, || a.try_get("/v1/services/profile").is_some());
+    let opts = a.opts();
+    a.kill();
+    let b = cluster.start(opts);
+    wait_until("the registration is back after a restart", CONVERGE, || {
+        b.try_get("/v1/services/profile").is_some_and(|s| s["endpoints"][0]["weight"] == 50)
+    });
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_setting() {
+    let cluster = Cluster::new();
+    let file = cluster.dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "region = \"us-east\"\ngossip_interval = \"often\"\n[security]\ncluster_key_file = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = cluster.agent_cmd(&["run", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gossip_interval") && err.contains("often") && err.contains("duration"), "{err}");
+    let out = cluster.agent_cmd(&["run", "--region", "eu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster_key_file"));
+    let out = cluster.agent_cmd(&["run", "--dev", "--gossip-addr", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gossip_addr"));
+}
+
+#[test]
+fn client_commands_say_where_they_looked() {
+    let cluster = Cluster::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = cluster.agent_cmd(&["status", "--admin-addr", &closed.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&closed.to_string()) && err.contains("agent run"), "{err}");
+    let a = cluster.start(AgentOpts::new("solo", "eu").service("web=3000"));
+    let admin = a.admin.to_string();
+    wait_until("ready", CONVERGE, || a.try_get("/v1/services/web").is_some());
+    let out = cluster.agent_cmd(&["status", "--admin-addr", &admin]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("region eu") && text.contains("solo *") && text.contains("web"), "{text}");
+    let out = cluster.agent_cmd(&["route", "nope", "--admin-addr", &admin]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
+}
