@@ -1,5 +1,5 @@
 # Thin wrappers; the work lives in cargo and scripts/. See README.md.
-.PHONY: demo test bench bench-ring run sim fuzz deps lint
+.PHONY: demo test bench bench-ring bench-membership run deps lint
 
 CARGO ?= cargo
 
@@ -15,10 +15,16 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-bench: bench-ring
+bench: bench-ring bench-membership
 
 bench-ring:
 	$(CARGO) bench -p grapevine-ring --bench ring
+
+# The agent beside HashiCorp Serf at N = 10, 30, 60 on loopback (needs root for tcpdump).
+bench-membership:
+	@bash scripts/deps.sh bench
+	$(CARGO) build --release -p grapevine-agent --bin agent
+	python3 scripts/bench_membership.py
 
 run:
 	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev

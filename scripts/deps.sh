@@ -14,14 +14,19 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 need_cargo_tool cargo-nextest cargo-nextest
 
-# Debian packages: name of a command each provides, then the package.
+# Debian packages: name of a command each provides, then the package. `deps.sh bench` adds the
+# peers the benchmarks measure against.
+packages='curl curl'
+if [ "${1:-}" = bench ]; then
+  packages="$packages
+serf serf
+tcpdump tcpdump"
+fi
 apt_missing=()
 while read -r cmd pkg; do
   [ -z "$cmd" ] && continue
   command -v "$cmd" >/dev/null 2>&1 || apt_missing+=("$pkg")
-done <<'LIST'
-curl curl
-LIST
+done <<<"$packages"
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "deps: installing ${apt_missing[*]} with apt-get" >&2
   export DEBIAN_FRONTEND=noninteractive
