@@ -107,7 +107,7 @@ class Grapevine(System):
         self.key = None
 
     def argv(self, i, n, base, workdir):
-        if self.key is None:
+        if i == 0:
             self.key = os.path.join(workdir, "cluster.key")
             with open(self.key, "w") as f:
                 f.write(subprocess.check_output([AGENT, "keygen"], text=True))
@@ -185,6 +185,9 @@ def run_one(system, n, base, idle_seconds):
         deadline = t0 + 120
         converged = None
         while time.monotonic() < deadline:
+            dead = [p.name for p in procs if p.p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{system.label}: agents {dead} exited during start-up")
             if all(len(seen_alive(o)) >= n for o in names):
                 with lock:
                     converged = max(t for (t, o, k, s) in events if k == "alive") - t0

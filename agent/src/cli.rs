@@ -33,10 +33,45 @@ pub enum Command {
     Leave(ClientArgs),
     /// Print a new cluster key (base64, 32 bytes) for `cluster_key_file`.
     Keygen,
+    /// The cluster CA for QUIC mutual TLS.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Node certificates signed by the cluster CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
         shell: Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key (never overwrites an existing key).
+    Init {
+        /// Directory to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Cluster name, for the CA's common name.
+        #[arg(long, default_value = "default")]
+        cluster: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a certificate for one node: DIR/ID.pem and DIR/ID.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node id the certificate names (the agent's node_id).
+        #[arg(long, value_name = "ID")]
+        node: String,
+        /// Directory to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -143,7 +178,7 @@ pub struct RunArgs {
     /// How long open connections may finish on shutdown [env: AGENT_DRAIN_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
-    /// Gossip round interval [env: AGENT_GOSSIP_INTERVAL] [default: 1s]
+    /// Gossip round interval [env: AGENT_GOSSIP_INTERVAL] [default: 500ms]
     #[arg(long, value_name = "DURATION")]
     pub gossip_interval: Option<String>,
     /// Failure-detector (phi accrual) threshold [env: AGENT_PHI_THRESHOLD] [default: 8]

@@ -528,7 +528,7 @@ impl Layer {
             ));
         }
         let gossip = GossipSettings {
-            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "1s", ms(50), secs(60))?,
+            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "500ms", ms(50), secs(60))?,
             phi_threshold: float_in("phi_threshold", self.phi_threshold.as_deref(), 8.0, 1.0, 50.0)?,
             dead_node_grace: duration_in(
                 "dead_node_grace",

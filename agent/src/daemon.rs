@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::cluster::snapshot::LocalNode;
 use crate::config::{Config, ConfigError};
+use crate::dataplane::pki::{self, Ca, NodeCredentials};
+use crate::dataplane::{DataPlane, ingress, tls, upstream};
 use crate::events::EventHub;
 use crate::membership::keyring::Keyring;
 use crate::membership::transport::Wire;
@@ -35,6 +37,8 @@ pub struct Prepared {
     pub keyring: Keyring,
     pub node_id: String,
     pub generation: u64,
+    /// None: no certificates configured, so the data plane is off.
+    pub credentials: Option<NodeCredentials>,
 }
 
 /// Loads the keyring and the node identity. No socket is bound yet.
@@ -55,8 +59,43 @@ pub fn prepare(config: Config) -> Result<Prepared, RunError> {
         })?;
     }
     let node_id = node_id(&config).context("choosing the node id")?;
+    let credentials = credentials(&config, &node_id)?;
     let generation = generation(config.data_dir.as_deref()).context("choosing the generation")?;
-    Ok(Prepared { config, keyring, node_id, generation })
+    Ok(Prepared { config, keyring, node_id, generation, credentials })
+}
+
+/// The node's TLS credentials: from `[security]`, generated in memory in dev, or none.
+fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>, RunError> {
+    let s = &config.security;
+    let creds = match (&s.ca_file, &s.cert_file, &s.key_file) {
+        (None, None, None) if config.dev => {
+            let ca = Ca::generate(&config.cluster).context("generating a dev CA")?;
+            return Ok(Some(ca.credentials_for(node_id).context("issuing a dev certificate")?));
+        }
+        (None, None, None) => return Ok(None),
+        (Some(ca), Some(cert), Some(key)) => pki::load_credentials(ca, cert, key).map_err(|e| ConfigError {
+            setting: "cert_file".into(),
+            value: cert.display().to_string(),
+            allowed: format!("PEM files from `agent ca init` and `agent cert issue` ({e:#})"),
+        })?,
+        _ => {
+            return Err(ConfigError {
+                setting: "ca_file".into(),
+                value: String::new(),
+                allowed: "ca_file, cert_file and key_file together (or none: the data plane stays off)".into(),
+            }
+            .into());
+        }
+    };
+    if !tls::names_node(&creds.identity.chain[0], node_id) {
+        return Err(ConfigError {
+            setting: "cert_file".into(),
+            value: s.cert_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            allowed: format!("a certificate naming this node's id {node_id:?} (`agent cert issue --node {node_id}`)"),
+        }
+        .into());
+    }
+    Ok(Some(creds))
 }
 
 /// The node id: configured, or kept in the data dir, or hostname + random suffix (then kept).
@@ -119,7 +158,7 @@ fn advertise_for(bound: SocketAddr) -> SocketAddr {
 
 /// Runs the agent until a signal or `agent leave`.
 pub async fn run(prepared: Prepared) -> Result<(), RunError> {
-    let Prepared { config, keyring, node_id, generation } = prepared;
+    let Prepared { config, keyring, node_id, generation, credentials } = prepared;
     let metrics = Arc::new(Metrics::new());
 
     let socket = tokio::net::UdpSocket::bind(config.gossip_addr)
@@ -131,6 +170,38 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         .await
         .with_context(|| format!("cannot bind admin_addr {} (TCP)", config.admin_addr))?;
     let admin_bound = admin_listener.local_addr().context("reading the admin address")?;
+    // The data plane's socket and listeners are bound now, so that a busy port stops the
+    // agent before it joins anything.
+    let data_socket = match &credentials {
+        Some(_) => Some(DataPlane::bind_socket(config.data_addr)?),
+        None => {
+            tracing::warn!(
+                "no [security] certificates: the data plane is off (this agent gossips but forwards no traffic)"
+            );
+            None
+        }
+    };
+    let data_advertise = match &data_socket {
+        Some(s) => {
+            Some(config.data_advertise.unwrap_or(advertise_for(s.local_addr().context("reading the data address")?)))
+        }
+        None => None,
+    };
+    let mut upstream_listeners = Vec::new();
+    for u in &config.upstreams {
+        let l = tokio::net::TcpListener::bind(u.listen)
+            .await
+            .with_context(|| format!("cannot bind upstream {} on {}", u.service, u.listen))?;
+        upstream_listeners.push((u.service.clone(), l));
+    }
+    let ingress_listener = match &config.ingress {
+        Some(i) => Some(
+            tokio::net::TcpListener::bind(i.listen)
+                .await
+                .with_context(|| format!("cannot bind ingress.listen {}", i.listen))?,
+        ),
+        None => None,
+    };
 
     let local = LocalNode {
         id: node_id.clone(),
@@ -147,8 +218,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
                 local,
                 generation,
                 gossip_advertise,
-                // The data plane announces its address once it listens.
-                data_advertise: config.data_advertise,
+                data_advertise,
                 seeds: config.join.clone(),
                 gossip: config.gossip.clone(),
                 event_ttl: config.events.ttl,
@@ -161,6 +231,46 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     );
 
     let services = Arc::new(LocalServices::new(config.services.clone(), config.data_dir.as_deref())?);
+    let mut background = Vec::new();
+    let dataplane = match (data_socket, &credentials) {
+        (Some(socket), Some(creds)) => {
+            let dp =
+                DataPlane::start(socket, creds, &node_id, membership.snapshots(), services.clone(), metrics.clone())?;
+            background.push(tokio::spawn(dp.clone().serve()));
+            for (service, l) in upstream_listeners {
+                tracing::info!(service = %service, listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "upstream listening");
+                background.push(tokio::spawn(upstream::serve(l, service, dp.clone())));
+            }
+            // Announce open connections as each service's load.
+            let (dp2, services2) = (dp.clone(), services.clone());
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    for r in services2.records() {
+                        services2.set_load(&r.name, dp2.active.of(&r.name));
+                    }
+                }
+            }));
+            Some(dp)
+        }
+        _ => None,
+    };
+    let ingress_task = match (ingress_listener, &dataplane, &config.ingress) {
+        (Some(l), Some(dp), Some(cfg)) => {
+            tracing::info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "ingress listening");
+            Some(tokio::spawn(ingress::serve(l, Arc::new(cfg.clone()), dp.clone())))
+        }
+        (Some(_), None, _) => {
+            return Err(ConfigError {
+                setting: "ingress.listen".into(),
+                value: String::new(),
+                allowed: "ingress needs the data plane: set ca_file, cert_file and key_file (or use --dev)".into(),
+            }
+            .into());
+        }
+        _ => None,
+    };
     let publisher = {
         let (services, membership) = (services.clone(), membership.clone());
         tokio::spawn(async move {
@@ -196,6 +306,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         gossip_addr = %gossip_bound,
         gossip_advertise = %gossip_advertise,
         admin_addr = %admin_bound,
+        data_addr = %data_advertise.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         generation,
         "agent ready"
     );
@@ -204,10 +315,29 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     tracing::info!(reason = why, "leaving the cluster: draining, then announcing the leave");
     services.drain_all();
     membership.set_draining().await;
-    // Until the data plane carries connections, nothing is open here to wait for; a short pause
-    // lets the drain announcement spread before the leave replaces it.
-    tokio::time::sleep(config.drain_timeout.min(config.gossip.interval)).await;
+    if let Some(t) = &ingress_task {
+        t.abort();
+    }
+    if let Some(dp) = &dataplane {
+        dp.start_draining();
+        // Give the drain announcement a gossip round to spread, then let open connections
+        // finish, up to drain_timeout.
+        tokio::time::sleep(config.gossip.interval.min(config.drain_timeout)).await;
+        let left_open = dp.drained(config.drain_timeout).await;
+        if left_open > 0 {
+            tracing::warn!(open = left_open, "drain_timeout reached with connections still open; closing them");
+        }
+    } else {
+        tokio::time::sleep(config.drain_timeout.min(config.gossip.interval)).await;
+    }
     membership.leave().await;
+    if let Some(dp) = &dataplane {
+        dp.endpoint.close(0u32.into(), b"agent left");
+        let _ = tokio::time::timeout(Duration::from_secs(2), dp.endpoint.wait_idle()).await;
+    }
+    for t in background {
+        t.abort();
+    }
     let _ = stop_admin_tx.send(true);
     publisher.abort();
     checks.abort();

@@ -9,6 +9,8 @@
 //! - `membership/`: the chitchat adapter, the sealed UDP transport and the keyring. Nothing
 //!   outside it names a chitchat type.
 //! - `cluster/`: the immutable snapshot and routing decisions (pure).
+//! - `dataplane/`: the QUIC endpoint (mutual TLS), the stream header, upstream listeners,
+//!   ingress, and the cluster PKI.
 //! - `services.rs`, `health.rs`: the services this agent fronts and their checks.
 //! - `events.rs`: cluster events (dedup and fan-out to watchers).
 //! - `admin.rs`, `api.rs`: the admin HTTP API and its JSON documents.
@@ -22,6 +24,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod events;
 pub mod health;
 pub mod membership;

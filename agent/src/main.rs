@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use grapevine_agent::cli::{Cli, Command, EventCommand, Shell};
+use grapevine_agent::cli::{CaCommand, CertCommand, Cli, Command, EventCommand, Shell};
 use grapevine_agent::config::{self, LogFormat, ProcessEnv};
 use grapevine_agent::{client, daemon};
 
@@ -14,6 +14,24 @@ fn main() -> ExitCode {
         Command::Keygen => {
             println!("{}", grapevine_agent::membership::keyring::generate_encoded());
             ExitCode::SUCCESS
+        }
+        Command::Ca(CaCommand::Init { out, cluster }) => {
+            report(grapevine_agent::dataplane::pki::ca_init(&out, &cluster).map(|_| {
+                println!(
+                    "wrote {} and {} (keep the key secret)",
+                    out.join("ca.pem").display(),
+                    out.join("ca.key").display()
+                )
+            }))
+        }
+        Command::Cert(CertCommand::Issue { ca, node, out }) => {
+            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out).map(|_| {
+                println!(
+                    "wrote {} and {}",
+                    out.join(format!("{node}.pem")).display(),
+                    out.join(format!("{node}.key")).display()
+                )
+            }))
         }
         Command::Completions { shell } => {
             let shell = match shell {
@@ -63,6 +81,16 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
     }
 }
 
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_tracing(format: LogFormat, level: &str) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -94,7 +122,9 @@ fn client_command(command: Command) -> ExitCode {
             }
             Command::Event(EventCommand::Watch { name, client: a }) => client::watch(name.as_deref(), a, &env).await,
             Command::Leave(a) => client::leave(a, &env).await,
-            Command::Run(_) | Command::Keygen | Command::Completions { .. } => Ok(()),
+            Command::Run(_) | Command::Keygen | Command::Completions { .. } | Command::Ca(_) | Command::Cert(_) => {
+                Ok(())
+            }
         }
     });
     match result {

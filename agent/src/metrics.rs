@@ -38,6 +38,17 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub direction: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -51,6 +62,10 @@ pub struct Metrics {
     pub events: Family<KindLabel, Counter>,
     pub snapshots: Counter,
     pub reprobes: Counter,
+    pub peers_refused: Family<ReasonLabel, Counter>,
+    pub streams: Family<StreamLabel, Counter>,
+    pub ejections: Counter,
+    pub ingress_requests: Family<CodeLabel, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +101,26 @@ impl Metrics {
         registry.register("snapshots", "Cluster snapshots built", snapshots.clone());
         let reprobes = Counter::default();
         registry.register("reprobes", "Gossip rounds started towards seeds and dead members", reprobes.clone());
+        let peers_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dataplane_peers_refused",
+            "QUIC peers refused: failed handshakes (foreign CA, no certificate) and identity mismatches",
+            peers_refused.clone(),
+        );
+        let streams = Family::<StreamLabel, Counter>::default();
+        registry.register(
+            "dataplane_streams",
+            "Forwarded streams by direction and result (accepted, retried, or the refusal reason)",
+            streams.clone(),
+        );
+        let ejections = Counter::default();
+        registry.register(
+            "dataplane_ejections",
+            "Instances ejected locally after repeated failures",
+            ejections.clone(),
+        );
+        let ingress_requests = Family::<CodeLabel, Counter>::default();
+        registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
         for state in ["alive", "suspect", "dead", "left"] {
             members.get_or_create(&StateLabel { state: state.into() }).set(0);
         }
@@ -104,6 +139,10 @@ impl Metrics {
             events,
             snapshots,
             reprobes,
+            peers_refused,
+            streams,
+            ejections,
+            ingress_requests,
         }
     }
 
@@ -121,6 +160,18 @@ impl Metrics {
 
     pub fn event(&self, kind: &'static str) {
         self.events.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub fn refused(&self, reason: &'static str) {
+        self.peers_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn stream(&self, direction: &'static str, result: &'static str) {
+        self.streams.get_or_create(&StreamLabel { direction, result }).inc();
+    }
+
+    pub fn ingress(&self, code: &str) {
+        self.ingress_requests.get_or_create(&CodeLabel { code: code.to_string() }).inc();
     }
 
     pub fn count_datagram(&self, direction: &'static str, bytes: usize) {

@@ -167,6 +167,21 @@ impl LocalServices {
         change
     }
 
+    /// Sets a service's load (open connections); true if it changed.
+    pub fn set_load(&self, name: &str, load: u64) -> bool {
+        let changed = match self.lock().get_mut(name) {
+            Some(e) if e.load != load => {
+                e.load = load;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.notify();
+        }
+        changed
+    }
+
     /// Marks every service draining (no new work).
     pub fn drain_all(&self) {
         for e in self.lock().values_mut() {

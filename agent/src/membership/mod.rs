@@ -282,7 +282,10 @@ async fn snapshot_loop(
 ) {
     let interval = config.gossip.interval;
     let suspect_after = (interval * 4).max(Duration::from_secs(2));
-    let mut heartbeats: HashMap<ChitchatId, (u64, Instant)> = HashMap::new();
+    // Per node: last heartbeat, when it last changed, and whether we have seen it change.
+    let mut heartbeats: HashMap<ChitchatId, (u64, Instant, bool)> = HashMap::new();
+    // Nodes chitchat has declared dead after having seen them alive: only chitchat revives them.
+    let mut dead_before: std::collections::HashSet<ChitchatId> = std::collections::HashSet::new();
     let mut last_fingerprint = Vec::new();
     let mut last_build = Instant::now();
     let mut epoch = 0u64;
@@ -295,18 +298,29 @@ async fn snapshot_loop(
             let c = chitchat.lock().await;
             let me = c.self_chitchat_id().clone();
             let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+            let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
             let mut records = Vec::new();
             let mut fingerprint = Vec::new();
             for (id, state) in c.node_states() {
                 let hb = u64::from(state.heartbeat());
-                let entry = heartbeats.entry(id.clone()).or_insert((hb, now));
+                let entry = heartbeats.entry(id.clone()).or_insert((hb, now, false));
                 if entry.0 != hb {
-                    *entry = (hb, now);
+                    *entry = (hb, now, true);
                 }
+                if live.contains(id) {
+                    dead_before.remove(id);
+                } else if dead.contains(id) && fingerprint_was_live(&last_fingerprint, id) {
+                    dead_before.insert(id.clone());
+                }
+                let stale = now.duration_since(entry.1) > suspect_after;
                 let liveness = if *id == me {
                     Liveness::Alive
                 } else if live.contains(id) {
-                    if now.duration_since(entry.1) > suspect_after { Liveness::Suspect } else { Liveness::Alive }
+                    if stale { Liveness::Suspect } else { Liveness::Alive }
+                } else if entry.2 && !stale && !dead_before.contains(id) {
+                    // chitchat's failure detector needs a few heartbeat intervals before it
+                    // calls a newcomer alive; a heartbeat seen advancing just now is proof enough.
+                    Liveness::Alive
                 } else {
                     Liveness::Dead
                 };
@@ -316,6 +330,7 @@ async fn snapshot_loop(
                 }
             }
             heartbeats.retain(|id, _| c.node_states().contains_key(id));
+            dead_before.retain(|id| c.node_states().contains_key(id));
             (records, fingerprint)
         };
         if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
@@ -344,6 +359,11 @@ async fn snapshot_loop(
         }
         tx.send_replace(Arc::new(snap));
     }
+}
+
+/// Whether `id` was up (alive or suspect) in the previous round.
+fn fingerprint_was_live(previous: &[(ChitchatId, u64, u8)], id: &ChitchatId) -> bool {
+    previous.iter().any(|(i, _, l)| i == id && (*l == Liveness::Alive as u8 || *l == Liveness::Suspect as u8))
 }
 
 /// Re-probes seeds and recently dead members so that a lone node keeps knocking (with
@@ -402,23 +422,26 @@ async fn reprobe_loop(
     }
 }
 
-/// Measures RTTs: every 2 s, a sealed ping to each of up to 32 up members.
+/// Measures RTTs with sealed pings. Routing needs the nearest member of each region, so each
+/// round (every 2 s) pings at most two members per region, rotating through them; per-member
+/// RTTs in `agent status` refresh more slowly in large regions.
 async fn ping_loop(wire: Arc<Wire>, snapshots: watch::Receiver<Arc<Snapshot>>) {
+    const PER_REGION: usize = 2;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut offset = 0usize;
+    let mut round = 0usize;
     loop {
         tick.tick().await;
         let snap = snapshots.borrow().clone();
-        let peers: Vec<SocketAddr> =
-            snap.members.iter().filter(|m| m.state.is_up() && m.id != snap.local.id).map(|m| m.gossip_addr).collect();
-        if peers.is_empty() {
-            continue;
+        let mut by_region: std::collections::BTreeMap<&str, Vec<SocketAddr>> = std::collections::BTreeMap::new();
+        for m in snap.members.iter().filter(|m| m.state.is_up() && m.id != snap.local.id) {
+            by_region.entry(m.region.as_str()).or_default().push(m.gossip_addr);
         }
-        // Rotate through large clusters 32 peers at a time.
-        for i in 0..peers.len().min(32) {
-            wire.ping(peers[(offset + i) % peers.len()]).await;
+        for peers in by_region.values() {
+            for i in 0..peers.len().min(PER_REGION) {
+                wire.ping(peers[(round * PER_REGION + i) % peers.len()]).await;
+            }
         }
-        offset = offset.wrapping_add(32);
+        round = round.wrapping_add(1);
     }
 }

@@ -1,0 +1,178 @@
+//! Ingress (L7): HTTP/1.1 with keep-alive and WebSocket upgrades. Requests are routed by host
+//! and path prefix to a service; the affinity key comes from a configured cookie or header,
+//! else the client address; each request goes to its instance over its own connection or
+//! stream, with `X-Forwarded-For` and `X-Forwarded-Proto` added. 503 when no instance may take
+//! the request, 502 when every instance tried failed, 504 when the instance is too slow.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::{DataPlane, ForwardError};
+use crate::config::IngressConfig;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn text(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(msg + "\n")).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Serves the ingress listener until the task is aborted.
+pub async fn serve(listener: TcpListener, config: Arc<IngressConfig>, dp: Arc<DataPlane>) {
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "ingress accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (config, dp) = (config.clone(), dp.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (config, dp) = (config.clone(), dp.clone());
+                async move { Ok::<_, Infallible>(handle(req, client, &config, &dp).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%client, error = %e, "ingress connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The service for a request: the first route whose host and path prefix match.
+pub fn pick_service<'a>(config: &'a IngressConfig, host: Option<&str>, path: &str) -> Option<&'a str> {
+    let host = host.map(|h| {
+        h.rsplit_once(':').map_or(h, |(name, port)| if port.chars().all(|c| c.is_ascii_digit()) { name } else { h })
+    });
+    config
+        .routes
+        .iter()
+        .find(|r| {
+            r.host.as_deref().is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
+                && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+        })
+        .map(|r| r.service.as_str())
+}
+
+/// The affinity key: the configured cookie, else the configured header, else the client's IP
+/// (unless the fallback is `none`).
+pub fn affinity_key(config: &IngressConfig, headers: &hyper::HeaderMap, client: SocketAddr) -> Option<String> {
+    if let Some(name) = &config.affinity.cookie {
+        for value in headers.get_all(header::COOKIE) {
+            let Ok(v) = value.to_str() else { continue };
+            for pair in v.split(';') {
+                if let Some((k, val)) = pair.trim().split_once('=')
+                    && k == name && !val.is_empty() {
+                        return Some(val.to_string());
+                    }
+            }
+        }
+    }
+    if let Some(name) = &config.affinity.header
+        && let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
+            return Some(v.to_string());
+        }
+    match config.affinity.fallback.as_deref() {
+        Some("none") => None,
+        _ => Some(client.ip().to_string()),
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    client: SocketAddr,
+    config: &IngressConfig,
+    dp: &DataPlane,
+) -> Response<Body> {
+    let host =
+        req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().host()).map(str::to_string);
+    let Some(service) = pick_service(config, host.as_deref(), req.uri().path()).map(str::to_string) else {
+        dp.metrics.ingress("404");
+        return text(StatusCode::NOT_FOUND, "no ingress route for this host and path".into());
+    };
+    let key = affinity_key(config, req.headers(), client);
+    let super::Forwarded { stream, node } = match dp.connect(&service, key.as_deref(), Some(client)).await {
+        Ok(f) => f,
+        Err(e @ (ForwardError::NoInstance(_) | ForwardError::NoSuchService(_))) => {
+            dp.metrics.ingress("503");
+            return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+        }
+        Err(e) => {
+            dp.metrics.ingress("502");
+            return text(StatusCode::BAD_GATEWAY, e.to_string());
+        }
+    };
+    // X-Forwarded-For: append this client to whatever a proxy in front already added.
+    let xff = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        req.headers_mut().insert("x-forwarded-for", v);
+    }
+    req.headers_mut().insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(x) => x,
+        Err(e) => {
+            dp.metrics.ingress("502");
+            return text(StatusCode::BAD_GATEWAY, format!("instance {node}: {e}"));
+        }
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut resp = match tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            dp.metrics.ingress("502");
+            return text(StatusCode::BAD_GATEWAY, format!("instance {node}: {e}"));
+        }
+        Err(_) => {
+            dp.metrics.ingress("504");
+            return text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("instance {node} did not answer within {}s", REQUEST_TIMEOUT.as_secs()),
+            );
+        }
+    };
+    dp.metrics.ingress(resp.status().as_str());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade {
+            let backend_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(a), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
+                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                    let _ = super::splice(&mut a, &mut b).await;
+                }
+            });
+        }
+    resp.map(|b| b.boxed())
+}

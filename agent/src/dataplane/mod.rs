@@ -1,0 +1,483 @@
+//! The data plane: one QUIC endpoint per agent (mutual TLS with the cluster CA), one connection
+//! per peer, one stream per forwarded connection or request.
+//!
+//! Sending: [`DataPlane::connect`] routes a request (routing.rs), then tries the chosen instance
+//! and the failover order: the local app directly, or a peer over QUIC with a stream header.
+//! A connect failure or a refusal before any app byte was sent moves on to the next instance
+//! (at most [`MAX_ATTEMPTS`]); an instance that keeps failing is ejected locally for a growing
+//! backoff. Receiving: a peer's stream is accepted only for a service this agent fronts that is
+//! healthy and not draining, and only from a peer whose certificate names the node id that
+//! membership lists at its address.
+
+pub mod header;
+pub mod ingress;
+pub mod pki;
+pub mod tls;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::cluster::routing::{self, Target};
+use crate::cluster::snapshot::Snapshot;
+use crate::metrics::Metrics;
+use crate::services::LocalServices;
+use header::{Answer, StreamHeader};
+
+/// The most instances one request tries.
+pub const MAX_ATTEMPTS: usize = 3;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Consecutive failures before an instance is ejected locally.
+const EJECT_AFTER: u32 = 3;
+const EJECT_MAX: Duration = Duration::from_secs(60);
+
+/// A byte stream to an instance: a local TCP connection or a QUIC stream to a peer.
+pub enum BackendStream {
+    Tcp(TcpStream),
+    Quic(tokio::io::Join<quinn::RecvStream, quinn::SendStream>),
+}
+
+impl std::fmt::Debug for BackendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendStream::Tcp(_) => "BackendStream::Tcp",
+            BackendStream::Quic(_) => "BackendStream::Quic",
+        })
+    }
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Quic(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Quic(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Quic(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Quic(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("no service named {0:?} in the cluster")]
+    NoSuchService(String),
+    #[error("no healthy instance of {0} may take this request")]
+    NoInstance(String),
+    #[error("every instance tried for {service} failed ({attempts} attempts; last: {last})")]
+    AllFailed { service: String, attempts: usize, last: String },
+}
+
+/// A forwarded connection: the stream and the instance it reached.
+#[derive(Debug)]
+pub struct Forwarded {
+    pub stream: BackendStream,
+    pub node: String,
+}
+
+#[derive(Debug, Default)]
+struct Ejection {
+    failures: u32,
+    ejections: u32,
+    until: Option<Instant>,
+}
+
+/// Counts open connections per local service; the count is the load this agent announces.
+#[derive(Debug, Default)]
+pub struct ActiveConnections {
+    per_service: Mutex<HashMap<String, u64>>,
+    total: AtomicU64,
+}
+
+/// Decrements the count when the connection ends.
+#[derive(Debug)]
+pub struct ActiveGuard {
+    owner: Arc<ActiveConnections>,
+    service: String,
+}
+
+impl ActiveConnections {
+    pub fn enter(self: &Arc<Self>, service: &str) -> ActiveGuard {
+        *self.per_service.lock().unwrap_or_else(|e| e.into_inner()).entry(service.to_string()).or_default() += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard { owner: self.clone(), service: service.to_string() }
+    }
+
+    pub fn of(&self, service: &str) -> u64 {
+        self.per_service.lock().unwrap_or_else(|e| e.into_inner()).get(service).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.owner.per_service.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.service) {
+            *n = n.saturating_sub(1);
+        }
+        self.owner.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The QUIC endpoint and everything that forwards through it.
+pub struct DataPlane {
+    pub endpoint: quinn::Endpoint,
+    node_id: String,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    services: Arc<LocalServices>,
+    metrics: Arc<Metrics>,
+    peers: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
+    ejections: Mutex<HashMap<(String, String), Ejection>>,
+    pub active: Arc<ActiveConnections>,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane").field("node_id", &self.node_id).finish()
+    }
+}
+
+impl DataPlane {
+    /// Binds the UDP socket for the endpoint (before membership starts, so the advertised data
+    /// address is known).
+    pub fn bind_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+        let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind data_addr {addr} (UDP)"))?;
+        // Debian's default 208 KiB UDP buffers drop packets in bulk transfers; ask for 4 MiB
+        // (the kernel caps it at net.core.rmem_max / wmem_max).
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        Ok(socket)
+    }
+
+    /// Starts the QUIC endpoint on `socket` with the node's credentials.
+    pub fn start(
+        socket: std::net::UdpSocket,
+        creds: &pki::NodeCredentials,
+        node_id: &str,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        services: Arc<LocalServices>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<DataPlane>> {
+        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(tls::server_config(creds)?), socket, runtime)
+                .context("starting the QUIC endpoint")?;
+        endpoint.set_default_client_config(tls::client_config(creds)?);
+        Ok(Arc::new(DataPlane {
+            endpoint,
+            node_id: node_id.to_string(),
+            snapshots,
+            services,
+            metrics,
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            ejections: Mutex::new(HashMap::new()),
+            active: Arc::new(ActiveConnections::default()),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Refuse new streams from now on (open ones carry on).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until no forwarded connection is open, or `limit` passes.
+    pub async fn drained(&self, limit: Duration) -> u64 {
+        let deadline = Instant::now() + limit;
+        while self.active.total() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.active.total()
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Receiving.
+
+    /// Accepts peers' connections until the endpoint closes.
+    pub async fn serve(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let dp = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        dp.metrics.refused("handshake");
+                        tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        dp.metrics.refused("handshake_timeout");
+                        return;
+                    }
+                };
+                let Some(peer) = dp.verify_peer(&conn) else {
+                    dp.metrics.refused("identity");
+                    tracing::warn!(%remote, "refused a QUIC peer whose certificate does not name the member at its address");
+                    conn.close(1u32.into(), b"certificate does not name the member at this address");
+                    return;
+                };
+                dp.accept_streams(conn, peer).await;
+            });
+        }
+    }
+
+    /// The node id the snapshot lists at the connection's address, if the peer's certificate
+    /// names it.
+    fn verify_peer(&self, conn: &quinn::Connection) -> Option<String> {
+        let chain = tls::peer_chain(conn)?;
+        let cert = chain.first()?;
+        let remote = conn.remote_address();
+        let snap = self.snapshots.borrow().clone();
+        let member = snap.members.iter().find(|m| m.data_addr == Some(remote) && m.state.is_up())?;
+        tls::names_node(cert, &member.id).then(|| member.id.clone())
+    }
+
+    async fn accept_streams(self: &Arc<Self>, conn: quinn::Connection, peer: String) {
+        loop {
+            let (send, recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            let dp = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move { dp.handle_stream(send, recv, &peer).await });
+        }
+    }
+
+    async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, peer: &str) {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, header::read_header(&mut recv)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(answer)) => return self.refuse(send, answer, peer, "?").await,
+            Err(_) => return self.refuse(send, Answer::BadHeader, peer, "?").await,
+        };
+        if header.target != self.node_id {
+            return self.refuse(send, Answer::WrongTarget, peer, &header.service).await;
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            return self.refuse(send, Answer::Draining, peer, &header.service).await;
+        }
+        let Some(record) = self.services.records().into_iter().find(|r| r.name == header.service) else {
+            return self.refuse(send, Answer::UnknownService, peer, &header.service).await;
+        };
+        if record.draining {
+            return self.refuse(send, Answer::Draining, peer, &header.service).await;
+        }
+        if !record.healthy {
+            return self.refuse(send, Answer::Unhealthy, peer, &header.service).await;
+        }
+        let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port))).await {
+            Ok(Ok(s)) => s,
+            _ => return self.refuse(send, Answer::ConnectFailed, peer, &header.service).await,
+        };
+        let _ = app.set_nodelay(true);
+        if send.write_all(&[Answer::Accepted as u8]).await.is_err() {
+            return;
+        }
+        self.metrics.stream("in", "accepted");
+        let _guard = self.active.enter(&header.service);
+        let mut peer_side = tokio::io::join(recv, send);
+        let mut app = app;
+        let _ = tokio::io::copy_bidirectional(&mut peer_side, &mut app).await;
+    }
+
+    async fn refuse(&self, mut send: quinn::SendStream, answer: Answer, peer: &str, service: &str) {
+        self.metrics.stream("in", answer.as_str());
+        tracing::debug!(peer, service, reason = answer.as_str(), "refused a forwarded stream");
+        let _ = send.write_all(&[answer as u8]).await;
+        let _ = send.finish();
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Sending.
+
+    /// Opens a connection to an instance of `service`, trying the failover order.
+    pub async fn connect(
+        &self,
+        service: &str,
+        key: Option<&str>,
+        client: Option<SocketAddr>,
+    ) -> Result<Forwarded, ForwardError> {
+        let snap = self.snapshots.borrow().clone();
+        let route = {
+            // The thread-local RNG must not live across an await.
+            let mut rng = rand::rng();
+            let mut pick = |n: usize| rand::RngExt::random_range(&mut rng, 0..n);
+            routing::route(&snap, service, key, &mut pick)
+                .map_err(|_| ForwardError::NoSuchService(service.to_string()))?
+        };
+        let candidates: Vec<Target> = route.chosen.into_iter().chain(route.failover).collect();
+        if candidates.is_empty() {
+            return Err(ForwardError::NoInstance(service.to_string()));
+        }
+        // Instances ejected here go last, so they are tried only when nothing else is left.
+        let (fresh, ejected): (Vec<Target>, Vec<Target>) =
+            candidates.into_iter().partition(|t| !self.is_ejected(service, &t.node));
+        let mut last = String::new();
+        let mut attempts = 0;
+        for target in fresh.into_iter().chain(ejected).take(MAX_ATTEMPTS) {
+            attempts += 1;
+            match self.open(&snap, service, &target, key, client).await {
+                Ok(stream) => {
+                    self.record_success(service, &target.node);
+                    self.metrics.stream("out", "accepted");
+                    return Ok(Forwarded { stream, node: target.node });
+                }
+                Err(why) => {
+                    self.metrics.stream("out", "retried");
+                    tracing::debug!(service, node = %target.node, reason = %why, "instance refused or unreachable; trying the next");
+                    self.record_failure(service, &target.node);
+                    last = format!("{}: {why}", target.node);
+                }
+            }
+        }
+        Err(ForwardError::AllFailed { service: service.to_string(), attempts, last })
+    }
+
+    async fn open(
+        &self,
+        snap: &Snapshot,
+        service: &str,
+        target: &Target,
+        key: Option<&str>,
+        client: Option<SocketAddr>,
+    ) -> Result<BackendStream, String> {
+        if target.node == self.node_id {
+            let record =
+                self.services.records().into_iter().find(|r| r.name == service).ok_or("no longer fronted here")?;
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port)))
+                .await
+                .map_err(|_| "local app connect timed out".to_string())?
+                .map_err(|e| format!("local app: {e}"))?;
+            let _ = s.set_nodelay(true);
+            return Ok(BackendStream::Tcp(s));
+        }
+        let member = snap.member(&target.node).ok_or("not in the snapshot")?;
+        let addr = member.data_addr.ok_or("announces no data address")?;
+        let conn = self.connection(&target.node, addr).await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.peers.lock().await.remove(&target.node);
+                return Err(format!("opening a stream: {e}"));
+            }
+        };
+        let h = StreamHeader {
+            version: header::VERSION,
+            service: service.to_string(),
+            target: target.node.clone(),
+            affinity_key: key.map(str::to_string),
+            client_addr: client,
+        };
+        header::write_header(&mut send, &h).await.map_err(|e| format!("sending the header: {e}"))?;
+        let mut answer = [0u8; 1];
+        match tokio::time::timeout(HEADER_TIMEOUT, recv.read_exact(&mut answer)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("no answer: {e}")),
+            Err(_) => return Err("no answer in time".into()),
+        }
+        match Answer::from_byte(answer[0]) {
+            Some(Answer::Accepted) => Ok(BackendStream::Quic(tokio::io::join(recv, send))),
+            Some(a) => Err(format!("refused: {}", a.as_str())),
+            None => Err(format!("unknown answer {}", answer[0])),
+        }
+    }
+
+    /// The connection to a peer, reused, or a new one (the server name is its node id, which
+    /// its certificate must name).
+    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(node) {
+            if c.close_reason().is_none() && c.remote_address() == addr {
+                return Ok(c.clone());
+            }
+            peers.remove(node);
+        }
+        let connecting = self.endpoint.connect(addr, node).map_err(|e| format!("connect: {e}"))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("QUIC handshake: {e}")),
+            Err(_) => return Err("QUIC handshake timed out".into()),
+        };
+        peers.insert(node.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn is_ejected(&self, service: &str, node: &str) -> bool {
+        let e = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
+        e.get(&(service.to_string(), node.to_string())).and_then(|e| e.until).is_some_and(|u| Instant::now() < u)
+    }
+
+    fn record_failure(&self, service: &str, node: &str) {
+        let mut all = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
+        let e = all.entry((service.to_string(), node.to_string())).or_default();
+        e.failures += 1;
+        if e.failures >= EJECT_AFTER {
+            let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections)).min(EJECT_MAX);
+            e.until = Some(Instant::now() + backoff);
+            e.ejections += 1;
+            e.failures = 0;
+            self.metrics.ejections.inc();
+            tracing::warn!(
+                service,
+                node,
+                backoff_ms = backoff.as_millis() as u64,
+                "instance keeps failing; ejected locally"
+            );
+        }
+    }
+
+    fn record_success(&self, service: &str, node: &str) {
+        self.ejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&(service.to_string(), node.to_string()));
+    }
+}
+
+/// Copies bytes both ways until both sides are done, with half-close.
+pub async fn splice(
+    a: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    b: &mut (impl AsyncRead + AsyncWrite + Unpin),
+) -> std::io::Result<(u64, u64)> {
+    let r = tokio::io::copy_bidirectional(a, b).await;
+    let _ = a.shutdown().await;
+    let _ = b.shutdown().await;
+    r
+}

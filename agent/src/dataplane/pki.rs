@@ -1,0 +1,159 @@
+//! The cluster PKI: a CA per cluster and one certificate per node, naming the node id (as a DNS
+//! subject alternative name) and good for both ends of mutual TLS.
+//!
+//! `agent ca init --out DIR` writes `DIR/ca.pem` and `DIR/ca.key`; `agent cert issue --ca DIR
+//! --node ID --out DIR` writes `DIR/ID.pem` and `DIR/ID.key`. `--dev` makes both in memory.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A certificate and its key, as rustls wants them.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity { chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+/// What a node needs for mutual TLS: the cluster CA and its own identity.
+#[derive(Debug, Clone)]
+pub struct NodeCredentials {
+    pub ca: CertificateDer<'static>,
+    pub identity: Identity,
+}
+
+/// A CA: its certificate (PEM) and key (PEM).
+#[derive(Debug, Clone)]
+pub struct Ca {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A new CA for one cluster.
+    pub fn generate(name: &str) -> anyhow::Result<Ca> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, format!("grapevine cluster CA {name}"));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Ca { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Ca> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        Ok(Ca { cert_pem: read("ca.pem")?, key_pem: read("ca.key")? })
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_private(&dir.join("ca.key"), &self.key_pem)?;
+        std::fs::write(dir.join("ca.pem"), &self.cert_pem)
+            .with_context(|| format!("writing {}", dir.join("ca.pem").display()))
+    }
+
+    /// Issues a certificate for `node_id`: (certificate PEM, key PEM).
+    pub fn issue(&self, node_id: &str) -> anyhow::Result<(String, String)> {
+        crate::config::check_name("node", node_id)?;
+        let ca_key = KeyPair::from_pem(&self.key_pem).context("parsing the CA key")?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("parsing the CA certificate")?;
+        let mut params = CertificateParams::new(vec![node_id.to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, node_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Credentials for `node_id`, made in memory (for `--dev` and tests).
+    pub fn credentials_for(&self, node_id: &str) -> anyhow::Result<NodeCredentials> {
+        let (cert, key) = self.issue(node_id)?;
+        credentials_from_pem(&self.cert_pem, &cert, &key)
+    }
+}
+
+/// Parses PEM text into credentials.
+pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeCredentials> {
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("the CA file holds no PEM certificate")?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the certificate file holds no valid PEM certificate")?;
+    if chain.is_empty() {
+        anyhow::bail!("the certificate file holds no PEM certificate");
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the key file holds no PEM private key")?;
+    Ok(NodeCredentials { ca, identity: Identity { chain, key } })
+}
+
+/// Reads the `[security]` files.
+pub fn load_credentials(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<NodeCredentials> {
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    credentials_from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `agent ca init --out DIR`.
+pub fn ca_init(out: &Path, cluster: &str) -> anyhow::Result<()> {
+    if out.join("ca.key").exists() {
+        anyhow::bail!("{} already exists; refusing to overwrite a CA key", out.join("ca.key").display());
+    }
+    Ca::generate(cluster)?.save(out)
+}
+
+/// `agent cert issue --ca DIR --node ID --out DIR`.
+pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path) -> anyhow::Result<()> {
+    let ca = Ca::load(ca_dir)?;
+    let (cert, key) = ca.issue(node)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join(format!("{node}.pem")), cert)?;
+    write_private(&out.join(format!("{node}.key")), &key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_certificates_that_load() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path(), "prod").unwrap();
+        assert!(ca_init(dir.path(), "prod").is_err(), "never overwrites a CA");
+        cert_issue(dir.path(), "web-1", dir.path()).unwrap();
+        let creds =
+            load_credentials(&dir.path().join("ca.pem"), &dir.path().join("web-1.pem"), &dir.path().join("web-1.key"))
+                .unwrap();
+        assert_eq!(creds.identity.chain.len(), 1);
+        assert!(Ca::load(dir.path()).unwrap().issue("bad id!").is_err());
+    }
+}

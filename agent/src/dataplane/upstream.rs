@@ -1,0 +1,35 @@
+//! Upstream listeners (L4): the local app connects to `127.0.0.1:9001` and reaches an instance
+//! of the service; bytes are spliced both ways with half-close, so any TCP protocol works.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use super::{DataPlane, splice};
+
+/// Serves one upstream listener until the task is aborted.
+pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
+    loop {
+        let (mut client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(service = %service, error = %e, "upstream accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let (dp, service) = (dp.clone(), service.clone());
+        tokio::spawn(async move {
+            match dp.connect(&service, None, Some(peer)).await {
+                Ok(mut fwd) => {
+                    let _ = splice(&mut client, &mut fwd.stream).await;
+                }
+                Err(e) => {
+                    // Closing without a byte tells the app the connection failed.
+                    tracing::warn!(service = %service, error = %e, "upstream connection not forwarded");
+                }
+            }
+        });
+    }
+}
