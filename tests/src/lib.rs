@@ -55,6 +55,8 @@ pub struct AgentOpts {
     pub services: Vec<String>,
     pub extra: Vec<String>,
     pub key_file: Option<PathBuf>,
+    /// Another CA directory (for a peer the cluster must refuse).
+    pub pki: Option<PathBuf>,
 }
 
 impl AgentOpts {
@@ -66,6 +68,7 @@ impl AgentOpts {
             services: vec![],
             extra: vec![],
             key_file: None,
+            pki: None,
         }
     }
 
@@ -81,6 +84,11 @@ impl AgentOpts {
 
     pub fn arg(mut self, a: &str) -> Self {
         self.extra.push(a.into());
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Self {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
         self
     }
 }
@@ -102,6 +110,8 @@ pub struct Agent {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub key_file: PathBuf,
+    /// The cluster CA (`agent ca init`); each agent gets a certificate from it.
+    pub pki: PathBuf,
     /// Gossip interval for every agent: short, so tests run in seconds.
     pub gossip_interval: String,
 }
@@ -113,7 +123,10 @@ impl Cluster {
         let key = Command::new(agent_bin()).arg("keygen").output().expect("agent keygen");
         assert!(key.status.success());
         std::fs::write(&key_file, &key.stdout).expect("write key");
-        Cluster { dir, key_file, gossip_interval: "200ms".into() }
+        let pki = dir.path().join("pki");
+        let out = Command::new(agent_bin()).args(["ca", "init", "--out"]).arg(&pki).output().expect("agent ca init");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Cluster { dir, key_file, pki, gossip_interval: "200ms".into() }
     }
 
     /// Starts an agent and waits until it reports ready.
@@ -121,6 +134,18 @@ impl Cluster {
         let data_dir = self.dir.path().join(&opts.node_id);
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let log = self.dir.path().join(format!("{}.log", opts.node_id));
+        let pki = opts.pki.clone().unwrap_or_else(|| self.pki.clone());
+        let cert = pki.join(format!("{}.pem", opts.node_id));
+        if !cert.exists() {
+            let out = Command::new(agent_bin())
+                .args(["cert", "issue", "--node", &opts.node_id, "--ca"])
+                .arg(&pki)
+                .arg("--out")
+                .arg(&pki)
+                .output()
+                .expect("agent cert issue");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
         let mut cmd = Command::new(agent_bin());
         cmd.args(["run", "--log-format", "json", "--log-level", "info"])
             .args(["--node-id", &opts.node_id, "--region", &opts.region])
@@ -129,7 +154,13 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--cluster-key-file")
-            .arg(opts.key_file.as_ref().unwrap_or(&self.key_file));
+            .arg(opts.key_file.as_ref().unwrap_or(&self.key_file))
+            .args(["--data-addr", "127.0.0.1:0", "--ca-file"])
+            .arg(pki.join("ca.pem"))
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(pki.join(format!("{}.key", opts.node_id)));
         for j in &opts.join {
             cmd.args(["--join", &j.to_string()]);
         }
@@ -333,8 +364,8 @@ impl Drop for Agent {
     }
 }
 
-/// A tiny HTTP backend on 127.0.0.1: answers every request with 200 and its name, except
-/// `/healthz`, which answers 503 while `healthy` is false.
+/// A tiny HTTP backend on 127.0.0.1: answers `GET` with its name, echoes `POST` bodies, and
+/// answers `/healthz` with 503 while `healthy` is false. One request per connection.
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
@@ -353,28 +384,11 @@ impl Backend {
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                        let mut first = String::new();
-                        let _ = reader.read_line(&mut first);
-                        let mut line = String::new();
-                        while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                            line.clear();
-                        }
-                        let (status, body) = if first.contains("/healthz") && !h.load(Ordering::Relaxed) {
-                            ("503 Service Unavailable", "unhealthy".to_string())
-                        } else {
-                            ("200 OK", name.clone())
-                        };
-                        let _ = write!(
-                            conn,
-                            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
+                    Ok((conn, _)) => {
+                        let (h, name) = (h.clone(), name.clone());
+                        thread::spawn(move || serve_one(conn, &h, &name));
                     }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
@@ -384,6 +398,108 @@ impl Backend {
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
+}
+
+fn serve_one(mut conn: std::net::TcpStream, healthy: &AtomicBool, name: &str) {
+    use std::io::Read;
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let mut length = 0usize;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) <= 2 {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            headers.push(format!("{}: {}", k.trim().to_ascii_lowercase(), v.trim()));
+        }
+    }
+    let mut body = vec![0u8; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let (status, reply): (&str, Vec<u8>) = if first.contains("/healthz") && !healthy.load(Ordering::Relaxed) {
+        ("503 Service Unavailable", b"unhealthy".to_vec())
+    } else if first.starts_with("POST") {
+        ("200 OK", body)
+    } else if first.contains("/headers") {
+        ("200 OK", headers.join("\n").into_bytes())
+    } else {
+        ("200 OK", name.as_bytes().to_vec())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\nx-backend: {name}\r\n\r\n",
+        reply.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(&reply);
+}
+
+/// A WebSocket echo server on 127.0.0.1 (tungstenite), for ingress tests.
+#[derive(Debug)]
+pub struct WsBackend {
+    pub addr: SocketAddr,
+}
+
+impl WsBackend {
+    pub fn start() -> WsBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind ws backend");
+        let addr = listener.local_addr().expect("addr");
+        thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                thread::spawn(move || {
+                    let Ok(mut ws) = tungstenite::accept(conn) else { return };
+                    while let Ok(msg) = ws.read() {
+                        if msg.is_close() || ws.send(msg).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        WsBackend { addr }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for listeners the agent binds at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, headers, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    conn.write_all(req.as_bytes())?;
+    conn.write_all(body)?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, head, raw[split + 4..].to_vec()))
 }
 
 impl Drop for Backend {

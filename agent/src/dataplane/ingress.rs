@@ -87,16 +87,19 @@ pub fn affinity_key(config: &IngressConfig, headers: &hyper::HeaderMap, client: 
             let Ok(v) = value.to_str() else { continue };
             for pair in v.split(';') {
                 if let Some((k, val)) = pair.trim().split_once('=')
-                    && k == name && !val.is_empty() {
-                        return Some(val.to_string());
-                    }
+                    && k == name
+                    && !val.is_empty()
+                {
+                    return Some(val.to_string());
+                }
             }
         }
     }
     if let Some(name) = &config.affinity.header
-        && let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
-            return Some(v.to_string());
-        }
+        && let Some(v) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty())
+    {
+        return Some(v.to_string());
+    }
     match config.affinity.fallback.as_deref() {
         Some("none") => None,
         _ => Some(client.ip().to_string()),
@@ -165,14 +168,15 @@ async fn handle(
     };
     dp.metrics.ingress(resp.status().as_str());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade {
-            let backend_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                if let (Ok(a), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
-                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    let _ = super::splice(&mut a, &mut b).await;
-                }
-            });
-        }
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(a), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                let _ = super::splice(&mut a, &mut b).await;
+            }
+        });
+    }
     resp.map(|b| b.boxed())
 }

@@ -37,7 +37,16 @@ use header::{Answer, StreamHeader};
 
 /// The most instances one request tries.
 pub const MAX_ATTEMPTS: usize = 3;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connecting to an app on this host.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A QUIC handshake with a peer, across regions.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer's answer to a stream header: it only has to connect to its local app first. Short,
+/// because a peer that died silently is only noticed by this timeout until membership says so.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an unknown peer may wait for membership to list it.
+const PEER_LOOKUP_WAIT: Duration = Duration::from_secs(3);
+/// A stream header from a peer.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consecutive failures before an instance is ejected locally.
 const EJECT_AFTER: u32 = 3;
@@ -250,7 +259,7 @@ impl DataPlane {
                         return;
                     }
                 };
-                let Some(peer) = dp.verify_peer(&conn) else {
+                let Some(peer) = dp.verify_peer(&conn).await else {
                     dp.metrics.refused("identity");
                     tracing::warn!(%remote, "refused a QUIC peer whose certificate does not name the member at its address");
                     conn.close(1u32.into(), b"certificate does not name the member at this address");
@@ -262,14 +271,29 @@ impl DataPlane {
     }
 
     /// The node id the snapshot lists at the connection's address, if the peer's certificate
-    /// names it.
-    fn verify_peer(&self, conn: &quinn::Connection) -> Option<String> {
+    /// names it. A peer that connects just after joining may not be in our view yet: wait a
+    /// little for membership to catch up before refusing.
+    async fn verify_peer(&self, conn: &quinn::Connection) -> Option<String> {
         let chain = tls::peer_chain(conn)?;
-        let cert = chain.first()?;
+        let cert = chain.first()?.clone();
         let remote = conn.remote_address();
-        let snap = self.snapshots.borrow().clone();
-        let member = snap.members.iter().find(|m| m.data_addr == Some(remote) && m.state.is_up())?;
-        tls::names_node(cert, &member.id).then(|| member.id.clone())
+        let mut snapshots = self.snapshots.clone();
+        let deadline = Instant::now() + PEER_LOOKUP_WAIT;
+        loop {
+            let listed = {
+                let snap = snapshots.borrow_and_update();
+                snap.members
+                    .iter()
+                    .find(|m| m.data_addr == Some(remote) && m.state != crate::cluster::snapshot::MemberState::Left)
+                    .map(|m| m.id.clone())
+            };
+            if let Some(id) = listed {
+                return tls::names_node(&cert, &id).then_some(id);
+            }
+            if tokio::time::timeout_at(deadline, snapshots.changed()).await.is_err() {
+                return None;
+            }
+        }
     }
 
     async fn accept_streams(self: &Arc<Self>, conn: quinn::Connection, peer: String) {
@@ -305,7 +329,8 @@ impl DataPlane {
         if !record.healthy {
             return self.refuse(send, Answer::Unhealthy, peer, &header.service).await;
         }
-        let app = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port))).await {
+        let app = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port))).await
+        {
             Ok(Ok(s)) => s,
             _ => return self.refuse(send, Answer::ConnectFailed, peer, &header.service).await,
         };
@@ -384,7 +409,7 @@ impl DataPlane {
         if target.node == self.node_id {
             let record =
                 self.services.records().into_iter().find(|r| r.name == service).ok_or("no longer fronted here")?;
-            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port)))
+            let s = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port)))
                 .await
                 .map_err(|_| "local app connect timed out".to_string())?
                 .map_err(|e| format!("local app: {e}"))?;
@@ -410,10 +435,17 @@ impl DataPlane {
         };
         header::write_header(&mut send, &h).await.map_err(|e| format!("sending the header: {e}"))?;
         let mut answer = [0u8; 1];
-        match tokio::time::timeout(HEADER_TIMEOUT, recv.read_exact(&mut answer)).await {
+        match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_exact(&mut answer)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("no answer: {e}")),
-            Err(_) => return Err("no answer in time".into()),
+            Ok(Err(e)) => {
+                self.peers.lock().await.remove(&target.node);
+                return Err(format!("no answer: {e}"));
+            }
+            Err(_) => {
+                // A peer that does not answer may be gone: the next attempt starts afresh.
+                self.peers.lock().await.remove(&target.node);
+                return Err("no answer in time".into());
+            }
         }
         match Answer::from_byte(answer[0]) {
             Some(Answer::Accepted) => Ok(BackendStream::Quic(tokio::io::join(recv, send))),
@@ -433,7 +465,7 @@ impl DataPlane {
             peers.remove(node);
         }
         let connecting = self.endpoint.connect(addr, node).map_err(|e| format!("connect: {e}"))?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(format!("QUIC handshake: {e}")),
             Err(_) => return Err("QUIC handshake timed out".into()),

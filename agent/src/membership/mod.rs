@@ -284,8 +284,8 @@ async fn snapshot_loop(
     let suspect_after = (interval * 4).max(Duration::from_secs(2));
     // Per node: last heartbeat, when it last changed, and whether we have seen it change.
     let mut heartbeats: HashMap<ChitchatId, (u64, Instant, bool)> = HashMap::new();
-    // Nodes chitchat has declared dead after having seen them alive: only chitchat revives them.
-    let mut dead_before: std::collections::HashSet<ChitchatId> = std::collections::HashSet::new();
+    // Nodes chitchat has called live at least once: from then on its verdict alone counts.
+    let mut ever_live: std::collections::HashSet<ChitchatId> = std::collections::HashSet::new();
     let mut last_fingerprint = Vec::new();
     let mut last_build = Instant::now();
     let mut epoch = 0u64;
@@ -298,7 +298,6 @@ async fn snapshot_loop(
             let c = chitchat.lock().await;
             let me = c.self_chitchat_id().clone();
             let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
-            let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
             let mut records = Vec::new();
             let mut fingerprint = Vec::new();
             for (id, state) in c.node_states() {
@@ -308,16 +307,14 @@ async fn snapshot_loop(
                     *entry = (hb, now, true);
                 }
                 if live.contains(id) {
-                    dead_before.remove(id);
-                } else if dead.contains(id) && fingerprint_was_live(&last_fingerprint, id) {
-                    dead_before.insert(id.clone());
+                    ever_live.insert(id.clone());
                 }
                 let stale = now.duration_since(entry.1) > suspect_after;
                 let liveness = if *id == me {
                     Liveness::Alive
                 } else if live.contains(id) {
                     if stale { Liveness::Suspect } else { Liveness::Alive }
-                } else if entry.2 && !stale && !dead_before.contains(id) {
+                } else if entry.2 && !stale && !ever_live.contains(id) {
                     // chitchat's failure detector needs a few heartbeat intervals before it
                     // calls a newcomer alive; a heartbeat seen advancing just now is proof enough.
                     Liveness::Alive
@@ -330,7 +327,7 @@ async fn snapshot_loop(
                 }
             }
             heartbeats.retain(|id, _| c.node_states().contains_key(id));
-            dead_before.retain(|id| c.node_states().contains_key(id));
+            ever_live.retain(|id| c.node_states().contains_key(id));
             (records, fingerprint)
         };
         if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
@@ -359,11 +356,6 @@ async fn snapshot_loop(
         }
         tx.send_replace(Arc::new(snap));
     }
-}
-
-/// Whether `id` was up (alive or suspect) in the previous round.
-fn fingerprint_was_live(previous: &[(ChitchatId, u64, u8)], id: &ChitchatId) -> bool {
-    previous.iter().any(|(i, _, l)| i == id && (*l == Liveness::Alive as u8 || *l == Liveness::Suspect as u8))
 }
 
 /// Re-probes seeds and recently dead members so that a lone node keeps knocking (with

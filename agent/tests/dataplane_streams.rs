@@ -1,0 +1,168 @@
+//! Two QUIC endpoints in one process: a real `DataPlane` and a hand-driven client, so a test can
+//! send what no agent would (garbage headers, a certificate naming someone else).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grapevine_agent::cluster::snapshot::{Lifecycle, Liveness, LocalNode, MemberRecord, Snapshot};
+use grapevine_agent::config::ServiceLayer;
+use grapevine_agent::dataplane::header::{self, Answer, StreamHeader};
+use grapevine_agent::dataplane::pki::{Ca, NodeCredentials};
+use grapevine_agent::dataplane::{DataPlane, tls};
+use grapevine_agent::metrics::Metrics;
+use grapevine_agent::services::LocalServices;
+
+fn member(id: &str, data_addr: SocketAddr) -> MemberRecord {
+    MemberRecord {
+        id: id.into(),
+        generation: 1,
+        region: "eu".into(),
+        zone: "eu-a".into(),
+        gossip_addr: data_addr,
+        data_addr: Some(data_addr),
+        version: "test".into(),
+        liveness: Liveness::Alive,
+        lifecycle: Lifecycle::Active,
+        services: vec![],
+    }
+}
+
+/// An echo app on 127.0.0.1.
+async fn echo_app() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+struct Setup {
+    server_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    _dp: Arc<DataPlane>,
+}
+
+/// A data plane named "server" fronting "echo", whose view lists `listed` at `client_addr`.
+async fn server(ca: &Ca, listed: &str, client_addr: SocketAddr) -> Setup {
+    let socket = DataPlane::bind_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server_addr = socket.local_addr().unwrap();
+    let local = LocalNode {
+        id: "server".into(),
+        region: "eu".into(),
+        zone: "eu-a".into(),
+        version: "test".into(),
+        cluster: "t".into(),
+    };
+    let snap = Snapshot::build(local, vec![member("server", server_addr), member(listed, client_addr)], &|_| None, 1);
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(snap));
+    std::mem::forget(_tx);
+    let services = Arc::new(LocalServices::new(vec![], None).unwrap());
+    services.register(ServiceLayer { name: "echo".into(), port: echo_app().await, ..Default::default() }).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let creds = ca.credentials_for("server").unwrap();
+    let dp = DataPlane::start(socket, &creds, "server", rx, services, metrics.clone()).unwrap();
+    tokio::spawn(dp.clone().serve());
+    Setup { server_addr, metrics, _dp: dp }
+}
+
+fn client(creds: &NodeCredentials) -> quinn::Endpoint {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(tls::client_config(creds).unwrap());
+    ep
+}
+
+async fn answer(recv: &mut quinn::RecvStream) -> Option<Answer> {
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut b)).await.ok()?.ok()?;
+    Answer::from_byte(b[0])
+}
+
+#[tokio::test]
+async fn a_garbage_header_is_refused_and_other_streams_on_the_connection_carry_on() {
+    let ca = Ca::generate("t").unwrap();
+    let creds = ca.credentials_for("client").unwrap();
+    let ep = client(&creds);
+    let s = server(&ca, "client", ep.local_addr().unwrap()).await;
+    let conn = ep.connect(s.server_addr, "server").unwrap().await.unwrap();
+
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 6, 0xde, 0xad, 0xbe, 0xef, 0, 1]).await.unwrap();
+    assert_eq!(answer(&mut recv).await, Some(Answer::BadHeader));
+
+    let (mut send2, mut recv2) = conn.open_bi().await.unwrap();
+    let h = StreamHeader {
+        version: header::VERSION,
+        service: "echo".into(),
+        target: "server".into(),
+        affinity_key: None,
+        client_addr: None,
+    };
+    header::write_header(&mut send2, &h).await.unwrap();
+    assert_eq!(answer(&mut recv2).await, Some(Answer::Accepted));
+    send2.write_all(b"still here").await.unwrap();
+    send2.finish().unwrap();
+    let echoed = recv2.read_to_end(1024).await.unwrap();
+    assert_eq!(echoed, b"still here");
+
+    // Refusals name their reason: another node's stream, an unknown service.
+    for (target, service, want) in
+        [("elsewhere", "echo", Answer::WrongTarget), ("server", "nope", Answer::UnknownService)]
+    {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let h = StreamHeader {
+            version: header::VERSION,
+            service: service.into(),
+            target: target.into(),
+            affinity_key: None,
+            client_addr: None,
+        };
+        header::write_header(&mut send, &h).await.unwrap();
+        assert_eq!(answer(&mut recv).await, Some(want));
+    }
+    assert!(s.metrics.render().contains("result=\"bad_header\"} 1"));
+}
+
+#[tokio::test]
+async fn a_certificate_naming_another_member_is_refused() {
+    let ca = Ca::generate("t").unwrap();
+    // A valid cluster certificate, but for "impostor", while membership lists "client" here.
+    let creds = ca.credentials_for("impostor").unwrap();
+    let ep = client(&creds);
+    let s = server(&ca, "client", ep.local_addr().unwrap()).await;
+    let conn = ep.connect(s.server_addr, "server").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let h = StreamHeader {
+        version: header::VERSION,
+        service: "echo".into(),
+        target: "server".into(),
+        affinity_key: None,
+        client_addr: None,
+    };
+    let _ = header::write_header(&mut send, &h).await;
+    assert_eq!(answer(&mut recv).await, None, "the connection is closed, not answered");
+    assert!(s.metrics.render().contains("reason=\"identity\"} 1"));
+
+    // A certificate from another CA does not even complete the handshake.
+    let other = Ca::generate("other").unwrap().credentials_for("client").unwrap();
+    let ep2 = client(&other);
+    let result = match ep2.connect(s.server_addr, "server").unwrap().await {
+        Err(_) => true,
+        // TLS 1.3: the client may think it is connected until the first use.
+        Ok(c) => match c.open_bi().await {
+            Err(_) => true,
+            Ok((mut send, mut recv)) => {
+                let _ = send.write_all(b"x").await;
+                answer(&mut recv).await.is_none()
+            }
+        },
+    };
+    assert!(result);
+}

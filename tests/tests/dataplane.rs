@@ -1,0 +1,281 @@
+//! The data plane end to end: real agents forwarding over QUIC with mutual TLS on 127.0.0.1.
+//! Wall-clock timing of real processes, so the ban on `Instant::now` does not apply here.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use grapevine_tests::{Agent, AgentOpts, Backend, Cluster, WsBackend, free_port, http, wait_until};
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn healthy(a: &Agent, service: &str) -> u64 {
+    a.try_get(&format!("/v1/services/{service}")).and_then(|s| s["healthy"].as_u64()).unwrap_or(0)
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn check(b: &Backend) -> String {
+    format!("check=http://{}/healthz,interval=200ms,timeout=150ms,rise=1,fall=1", b.addr)
+}
+
+#[test]
+fn http_and_1mb_bodies_cross_regions_through_an_upstream_listener() {
+    let cluster = Cluster::new();
+    let backend = Backend::start("west-app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("east-1", "us-east").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let b =
+        cluster.start(AgentOpts::new("west-1", "us-west").join(a.gossip).service(&format!("web={}", backend.port())));
+    wait_until("east-1 sees the west instance", CONVERGE, || healthy(&a, "web") == 1);
+    let (status, _, body) = http(addr(port), "GET", "/", &[], b"").unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"west-app"[..]));
+    // 1 MB up and 1 MB back, byte for byte.
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let (status, _, body) = http(addr(port), "POST", "/echo", &[], &payload).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), payload.len());
+    assert!(body == payload, "the 1 MB body came back altered");
+    assert!(b.metric("grapevine_dataplane_streams_total", "direction=\"in\",result=\"accepted\"") >= 2.0);
+}
+
+#[test]
+fn websocket_echo_through_ingress_across_agents() {
+    let cluster = Cluster::new();
+    let ws = WsBackend::start();
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("edge", "us-east").args(&[
+        "--ingress-listen",
+        &format!("127.0.0.1:{port}"),
+        "--ingress-route",
+        "path_prefix=/,service=chat",
+    ]));
+    let _b =
+        cluster.start(AgentOpts::new("chat-1", "us-west").join(a.gossip).service(&format!("chat={}", ws.addr.port())));
+    wait_until("the edge sees the chat instance", CONVERGE, || healthy(&a, "chat") == 1);
+    let (mut socket, resp) =
+        tungstenite::connect(format!("ws://127.0.0.1:{port}/socket")).expect("websocket through ingress");
+    assert_eq!(resp.status().as_u16(), 101);
+    socket.send(tungstenite::Message::text("hello over quic")).unwrap();
+    assert_eq!(socket.read().unwrap().into_text().unwrap().as_str(), "hello over quic");
+    let big = vec![7u8; 200_000];
+    socket.send(tungstenite::Message::binary(big.clone())).unwrap();
+    assert_eq!(socket.read().unwrap().into_data().as_ref(), big.as_slice());
+    socket.close(None).unwrap();
+}
+
+#[test]
+fn the_same_cookie_reaches_the_same_instance_through_any_agent() {
+    let cluster = Cluster::new();
+    let backends: Vec<Backend> = (0..3).map(|i| Backend::start(&format!("app-{i}"))).collect();
+    let mut agents: Vec<Agent> = Vec::new();
+    let mut ingress = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        let port = free_port();
+        ingress.push(port);
+        let mut opts = AgentOpts::new(&format!("n{i}"), "eu").service(&format!("web={}", b.port())).args(&[
+            "--ingress-listen",
+            &format!("127.0.0.1:{port}"),
+            "--ingress-route",
+            "path_prefix=/,service=web",
+            "--ingress-affinity-cookie",
+            "meteor_login_token",
+        ]);
+        if let Some(first) = agents.first() {
+            opts = opts.join(first.gossip);
+        }
+        agents.push(cluster.start(opts));
+    }
+    wait_until("every agent sees three instances", CONVERGE, || agents.iter().all(|a| healthy(a, "web") == 3));
+    let mut spread = BTreeMap::new();
+    for user in 0..12 {
+        let cookie = format!("theme=dark; meteor_login_token=user-{user}");
+        let answers: Vec<String> = ingress
+            .iter()
+            .map(|p| {
+                let (status, _, body) = http(addr(*p), "GET", "/", &[("cookie", &cookie)], b"").unwrap();
+                assert_eq!(status, 200);
+                String::from_utf8(body).unwrap()
+            })
+            .collect();
+        assert!(answers.iter().all(|x| *x == answers[0]), "user-{user} reached {answers:?}");
+        *spread.entry(answers[0].clone()).or_insert(0) += 1;
+    }
+    assert!(spread.len() >= 2, "sessions should spread over instances: {spread:?}");
+    // X-Forwarded-For and -Proto reach the app.
+    let (_, _, body) = http(addr(ingress[0]), "GET", "/headers", &[], b"").unwrap();
+    let headers = String::from_utf8(body).unwrap();
+    assert!(headers.contains("x-forwarded-for: 127.0.0.1") && headers.contains("x-forwarded-proto: http"), "{headers}");
+}
+
+#[test]
+fn adding_an_instance_moves_only_a_fraction_of_the_keys() {
+    let cluster = Cluster::new();
+    let mut agents = cluster.start_many("n", "eu", 3, None);
+    let regs: Vec<_> = agents.iter().map(|a| a.put("/v1/services/web", &serde_json::json!({"port": 1}))).collect();
+    assert!(regs.iter().all(|(c, _)| *c == 200));
+    wait_until("three instances", CONVERGE, || healthy(&agents[0], "web") == 3);
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    let owners = |a: &Agent| -> Vec<String> {
+        keys.iter()
+            .map(|k| a.get(&format!("/v1/route/web?key={k}"))["chosen"]["node"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = owners(&agents[0]);
+    agents.push(cluster.start(AgentOpts::new("n4", "eu").join(agents[0].gossip)));
+    assert_eq!(agents[3].put("/v1/services/web", &serde_json::json!({"port": 1})).0, 200);
+    wait_until("four instances", CONVERGE, || healthy(&agents[0], "web") == 4);
+    let after = owners(&agents[0]);
+    let moved: Vec<_> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+    assert!(
+        moved.iter().all(|(_, a)| *a == "n4"),
+        "keys moved between old instances: {moved:?}\n{}",
+        agents[0].get("/v1/services/web")
+    );
+    let share = moved.len() as f64 / keys.len() as f64;
+    assert!((0.1..0.45).contains(&share), "moved {share:.2} of the keys (ideal 0.25)");
+}
+
+#[test]
+fn after_kill_9_of_an_instance_requests_succeed_on_the_others() {
+    let cluster = Cluster::new();
+    let backends: Vec<Backend> = (0..2).map(|i| Backend::start(&format!("app-{i}"))).collect();
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("client", "eu").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let mut b =
+        cluster.start(AgentOpts::new("s0", "eu").join(a.gossip).service(&format!("web={}", backends[0].port())));
+    let _c = cluster.start(AgentOpts::new("s1", "eu").join(a.gossip).service(&format!("web={}", backends[1].port())));
+    wait_until("two instances", CONVERGE, || healthy(&a, "web") == 2);
+    for _ in 0..6 {
+        assert_eq!(http(addr(port), "GET", "/", &[], b"").unwrap().0, 200);
+    }
+    b.kill();
+    // Every request still succeeds: a dead instance costs at most a retry.
+    let start = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let (status, _, body) = http(addr(port), "GET", "/", &[], b"").expect("request after the kill");
+        assert_eq!((status, body.as_slice()), (200, &b"app-1"[..]));
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(slowest < Duration::from_secs(5), "slowest request {slowest:?}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn region_failover_when_the_local_region_has_no_healthy_instance_and_back() {
+    let cluster = Cluster::new();
+    let east_app = Backend::start("east-app");
+    let west_app = Backend::start("west-app");
+    let port = free_port();
+    let a =
+        cluster.start(AgentOpts::new("east-client", "us-east").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let _e = cluster.start(AgentOpts::new("east-1", "us-east").join(a.gossip).service(&format!(
+        "web={},{}",
+        east_app.port(),
+        check(&east_app)
+    )));
+    let _w = cluster.start(AgentOpts::new("west-1", "us-west").join(a.gossip).service(&format!(
+        "web={},{}",
+        west_app.port(),
+        check(&west_app)
+    )));
+    wait_until("two healthy instances", CONVERGE, || healthy(&a, "web") == 2);
+    let get =
+        || http(addr(port), "GET", "/", &[], b"").map(|(_, _, b)| String::from_utf8(b).unwrap()).unwrap_or_default();
+    for _ in 0..5 {
+        assert_eq!(get(), "east-app", "traffic stays in its region");
+    }
+    east_app.healthy.store(false, Ordering::Relaxed);
+    wait_until("traffic fails over to us-west", CONVERGE, || get() == "west-app");
+    east_app.healthy.store(true, Ordering::Relaxed);
+    wait_until("traffic comes back to us-east", CONVERGE, || get() == "east-app");
+}
+
+#[test]
+fn a_pinned_service_answers_503_instead_of_failing_over() {
+    let cluster = Cluster::new();
+    let east_app = Backend::start("east-app");
+    let west_app = Backend::start("west-app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("edge", "us-east").args(&[
+        "--ingress-listen",
+        &format!("127.0.0.1:{port}"),
+        "--ingress-route",
+        "path_prefix=/,service=ledger",
+    ]));
+    let _e = cluster.start(AgentOpts::new("east-1", "us-east").join(a.gossip).service(&format!(
+        "ledger={},pinned=true,{}",
+        east_app.port(),
+        check(&east_app)
+    )));
+    let _w = cluster.start(AgentOpts::new("west-1", "us-west").join(a.gossip).service(&format!(
+        "ledger={},pinned=true,{}",
+        west_app.port(),
+        check(&west_app)
+    )));
+    wait_until("two healthy instances", CONVERGE, || healthy(&a, "ledger") == 2);
+    assert_eq!(http(addr(port), "GET", "/", &[], b"").unwrap().2, b"east-app");
+    east_app.healthy.store(false, Ordering::Relaxed);
+    wait_until("the east instance is out", CONVERGE, || healthy(&a, "ledger") == 1);
+    let (status, _, body) = http(addr(port), "GET", "/", &[], b"").unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(a.get("/v1/route/ledger")["chosen"], serde_json::Value::Null);
+}
+
+#[test]
+fn a_peer_holding_a_certificate_from_another_ca_is_refused() {
+    let cluster = Cluster::new();
+    let rogue_pki = cluster.dir.path().join("rogue-pki");
+    assert!(cluster.agent_cmd(&["ca", "init", "--out", rogue_pki.to_str().unwrap()]).status.success());
+    let app = Backend::start("rogue-app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("client", "eu").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    // Same gossip key (so it is a member), certificate from another CA.
+    let mut opts = AgentOpts::new("rogue", "eu").join(a.gossip).service(&format!("web={}", app.port()));
+    opts.pki = Some(rogue_pki);
+    let rogue = cluster.start(opts);
+    wait_until("the client sees the rogue's instance", CONVERGE, || healthy(&a, "web") == 1);
+    let result = http(addr(port), "GET", "/", &[], b"");
+    assert!(result.map(|(_, _, b)| b.is_empty()).unwrap_or(true), "the request must not reach the rogue's app");
+    wait_until("the rogue refused the handshake", CONVERGE, || {
+        rogue.metric("grapevine_dataplane_peers_refused_total", "handshake") >= 1.0
+    });
+    assert!(a.metric("grapevine_dataplane_streams_total", "result=\"retried\"") >= 1.0);
+}
+
+#[test]
+fn sigterm_drains_open_connections_before_leaving() {
+    let cluster = Cluster::new();
+    let app = Backend::start("slow-app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("client", "eu").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let mut b = cluster.start(
+        AgentOpts::new("server", "eu")
+            .join(a.gossip)
+            .service(&format!("web={}", app.port()))
+            .args(&["--drain-timeout", "10s"]),
+    );
+    wait_until("one instance", CONVERGE, || healthy(&a, "web") == 1);
+    // Open a connection and send half a request; finish it after the SIGTERM.
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr(port)).unwrap();
+    conn.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = b.pid();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    wait_until("the instance drains out of every route", CONVERGE, || healthy(&a, "web") == 0);
+    conn.write_all(b"world").unwrap();
+    let mut reply = String::new();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("helloworld"), "the open connection finished: {reply:?}");
+    let status = b.wait_exit(Duration::from_secs(20));
+    assert!(status.success());
+    wait_until("the others see it left", CONVERGE, || a.state_of("server").as_deref() == Some("left"));
+}
