@@ -1,5 +1,5 @@
 # Thin wrappers; the work lives in cargo and scripts/. See README.md.
-.PHONY: demo test bench bench-ring bench-membership run deps lint
+.PHONY: demo test bench bench-ring bench-membership bench-dataplane run deps lint
 
 CARGO ?= cargo
 
@@ -15,7 +15,7 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-bench: bench-ring bench-membership
+bench: bench-ring bench-membership bench-dataplane
 
 bench-ring:
 	$(CARGO) bench -p grapevine-ring --bench ring
@@ -25,6 +25,12 @@ bench-membership:
 	@bash scripts/deps.sh bench
 	$(CARGO) build --release -p grapevine-agent --bin agent
 	python3 scripts/bench_membership.py
+
+# client -> agent -> QUIC -> agent -> nginx beside two haproxy with mutual TLS, and direct.
+bench-dataplane:
+	@bash scripts/deps.sh bench
+	$(CARGO) build --release -p grapevine-agent --bin agent
+	python3 scripts/bench_dataplane.py
 
 run:
 	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev

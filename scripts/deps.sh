@@ -20,7 +20,11 @@ packages='curl curl'
 if [ "${1:-}" = bench ]; then
   packages="$packages
 serf serf
-tcpdump tcpdump"
+tcpdump tcpdump
+haproxy haproxy
+wrk wrk
+iperf3 iperf3
+nginx nginx-light"
 fi
 apt_missing=()
 while read -r cmd pkg; do

@@ -60,6 +60,15 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
         }
     };
     init_tracing(prepared.config.log_format, &prepared.config.log_level);
+    // Every forwarded connection holds sockets; the default soft limit of 1024 files is far
+    // below what a sidecar carries. Raise it to the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => {
+            tracing::warn!(limit = n, "open-file limit is low; forwarded connections past it will fail")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -29,7 +29,8 @@ fn roots(creds: &NodeCredentials) -> anyhow::Result<Arc<RootCertStore>> {
 /// 25 MB/s per stream at 50 ms RTT) and no keep-alive; a sidecar needs more of each.
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into());
+    // One stream per forwarded connection: idle keep-alive connections hold theirs open.
+    t.max_concurrent_bidi_streams(65_536u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());

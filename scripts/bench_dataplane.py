@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""`make bench-dataplane`: client -> agent A -> QUIC -> agent B -> backend, beside the same chain
+through two haproxy instances with mutual TLS between them, and beside direct, in one run on
+loopback.
+
+Chains (all L4, so every byte of the client's connection crosses both proxies):
+  direct      wrk -> nginx
+  grapevine   wrk -> agent A upstream port -> QUIC (mutual TLS) -> agent B -> nginx
+  haproxy     wrk -> haproxy A (tcp) -> TLS 1.3 with client certificates -> haproxy B (tcp) -> nginx
+
+Measured per chain: latency p50 and p99 at concurrency 1 and 64 (wrk, HTTP/1.1 keep-alive, a
+small body), requests/s at concurrency 64, proxy CPU microseconds per request (both proxies,
+from /proc), bulk throughput of one TCP connection (iperf3 through the chain) with the UDP
+receive errors during it, and RSS per idle connection (10,000 connections held open).
+"""
+import argparse
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT = os.path.join(ROOT, "target", "release", "agent")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NGINX_PORT, IPERF_PORT = 28080, 28201
+
+
+def wait_port(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def rss_kb(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def udp_rcv_errors():
+    with open("/proc/net/snmp") as f:
+        lines = [l.split() for l in f if l.startswith("Udp:")]
+    header, values = lines[0], lines[1]
+    return int(values[header.index("RcvbufErrors")]) + int(values[header.index("InErrors")])
+
+
+def to_us(text):
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    v, unit = float(m.group(1)), m.group(2)
+    return v * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+
+
+def wrk(port, conns, seconds):
+    threads = min(conns, 2)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, check=True).stdout
+    p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = to_us(re.search(r"99%\s+(\S+)", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    return p50, p99, rps, total, errors.group(1) if errors else ""
+
+
+class Chain:
+    def __init__(self, name, port, pids):
+        self.name, self.port, self.pids = name, port, pids
+
+
+def start(argv, **kw):
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--idle", type=int, default=5000, help="idle connections for the RSS figure (2 fds each per proxy; the hard fd limit here is 20,000)")
+    args = ap.parse_args()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args.idle = min(args.idle, max(0, hard // 2 - 200))
+    work = tempfile.mkdtemp(prefix="bench-dataplane-")
+    procs = []
+    try:
+        # Backends: nginx answering a small body, iperf3 for bulk.
+        with open(f"{work}/nginx.conf", "w") as f:
+            f.write(f"""worker_processes 1; pid {work}/nginx.pid; error_log {work}/nginx.err;
+events {{ worker_connections 30000; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{NGINX_PORT} backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        procs.append(start(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"]))
+        procs.append(start(["iperf3", "-s", "-p", str(IPERF_PORT), "-B", "127.0.0.1"]))
+        wait_port(NGINX_PORT)
+        wait_port(IPERF_PORT)
+
+        # PKI for both chains, from the agent's own commands.
+        subprocess.run([AGENT, "ca", "init", "--out", f"{work}/pki"], check=True, capture_output=True)
+        for node in ("a", "b"):
+            subprocess.run([AGENT, "cert", "issue", "--ca", f"{work}/pki", "--node", node, "--out", f"{work}/pki"], check=True, capture_output=True)
+            with open(f"{work}/pki/{node}.both.pem", "w") as f:
+                f.write(open(f"{work}/pki/{node}.pem").read() + open(f"{work}/pki/{node}.key").read())
+        with open(f"{work}/cluster.key", "w") as f:
+            f.write(subprocess.check_output([AGENT, "keygen"], text=True))
+
+        # Grapevine: B fronts nginx and iperf3; A has upstream ports for both.
+        common = ["--cluster-key-file", f"{work}/cluster.key", "--ca-file", f"{work}/pki/ca.pem", "--log-level", "warn"]
+        a = start([AGENT, "run", "--node-id", "a", "--region", "r", *common, "--cert-file", f"{work}/pki/a.pem", "--key-file", f"{work}/pki/a.key",
+                   "--gossip-addr", "127.0.0.1:28301", "--data-addr", "127.0.0.1:28311", "--admin-addr", "127.0.0.1:28321",
+                   "--data-dir", f"{work}/a", "--upstream", "web=127.0.0.1:28001", "--upstream", "bulk=127.0.0.1:28002"])
+        b = start([AGENT, "run", "--node-id", "b", "--region", "r", *common, "--cert-file", f"{work}/pki/b.pem", "--key-file", f"{work}/pki/b.key",
+                   "--gossip-addr", "127.0.0.1:28302", "--data-addr", "127.0.0.1:28312", "--admin-addr", "127.0.0.1:28322",
+                   "--data-dir", f"{work}/b", "--join", "127.0.0.1:28301", "--service", f"web={NGINX_PORT}", "--service", f"bulk={IPERF_PORT}"])
+        procs += [a, b]
+        wait_port(28001)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            out = subprocess.run([AGENT, "services", "--json", "--admin-addr", "127.0.0.1:28321"], capture_output=True, text=True).stdout
+            if out.count('"healthy": true') >= 2:
+                break
+            time.sleep(0.2)
+
+        # haproxy: A (tcp) -> TLS with client certificates -> B (tcp).
+        ca = f"{work}/pki/ca.pem"
+        hb = f"""global
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend fe_web
+  bind 127.0.0.1:28102 ssl crt {work}/pki/b.both.pem ca-file {ca} verify required
+  default_backend be_web
+backend be_web
+  server n 127.0.0.1:{NGINX_PORT}
+frontend fe_bulk
+  bind 127.0.0.1:28104 ssl crt {work}/pki/b.both.pem ca-file {ca} verify required
+  default_backend be_bulk
+backend be_bulk
+  server n 127.0.0.1:{IPERF_PORT}
+"""
+        ha = f"""global
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend fe_web
+  bind 127.0.0.1:28101
+  default_backend be_web
+backend be_web
+  server b 127.0.0.1:28102 ssl crt {work}/pki/a.both.pem ca-file {ca} verify required verifyhost b sni str(b)
+frontend fe_bulk
+  bind 127.0.0.1:28103
+  default_backend be_bulk
+backend be_bulk
+  server b 127.0.0.1:28104 ssl crt {work}/pki/a.both.pem ca-file {ca} verify required verifyhost b sni str(b)
+"""
+        open(f"{work}/hb.cfg", "w").write(hb)
+        open(f"{work}/ha.cfg", "w").write(ha)
+        hap_b = start(["haproxy", "-db", "-f", f"{work}/hb.cfg"])
+        hap_a = start(["haproxy", "-db", "-f", f"{work}/ha.cfg"])
+        procs += [hap_a, hap_b]
+        wait_port(28101)
+        wait_port(28102)
+
+        chains = [Chain("direct", NGINX_PORT, []), Chain("grapevine", 28001, [a.pid, b.pid]), Chain("haproxy", 28101, [hap_a.pid, hap_b.pid])]
+        bulk_ports = {"direct": IPERF_PORT, "grapevine": 28002, "haproxy": 28103}
+        results = {}
+        for c in chains:
+            print(f"  {c.name} ...", file=sys.stderr, flush=True)
+            r = {}
+            wrk(c.port, 1, 1)  # warm up: connections, handshakes
+            r["p50_c1"], r["p99_c1"], _, _, _ = wrk(c.port, 1, args.seconds)
+            t0 = cpu_ticks(c.pids) if c.pids else 0
+            r["p50_c64"], r["p99_c64"], r["rps"], total, r["errors"] = wrk(c.port, 64, args.seconds)
+            r["cpu_us"] = (cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0
+            e0 = udp_rcv_errors()
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
+            try:
+                import json
+                r["gbit"] = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+            except (ValueError, KeyError):
+                r["gbit"] = None
+            r["udp_errors"] = udp_rcv_errors() - e0
+            if c.pids and args.idle:
+                before = rss_kb(c.pids)
+                socks = []
+                for _ in range(args.idle):
+                    s = socket.create_connection(("127.0.0.1", c.port))
+                    socks.append(s)
+                time.sleep(3)
+                # Check the last connection really reached the backend.
+                socks[-1].sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                socks[-1].settimeout(10)
+                ok = socks[-1].recv(100).startswith(b"HTTP/1.1 200")
+                r["rss_per_conn"] = (rss_kb(c.pids) - before) * 1024 / args.idle
+                r["idle_ok"] = ok
+                for s in socks:
+                    s.close()
+                time.sleep(2)
+            results[c.name] = r
+
+        d, g, h = results["direct"], results["grapevine"], results["haproxy"]
+        print()
+        print("data plane on loopback, one run; added = chain minus direct; ratio = grapevine / haproxy")
+        print(f"  {'metric':<44} {'direct':>10} {'grapevine':>11} {'haproxy':>10} {'ratio':>7}")
+
+        def row(title, key, unit, added=False, fmt="{:.0f}"):
+            vals = [r[key] for r in (d, g, h)]
+            if added:
+                vals = [None, g[key] - d[key], h[key] - d[key]]
+            cells = ["-" if v is None else fmt.format(v) + unit for v in vals]
+            ratio = f"{vals[1] / vals[2]:.2f}" if vals[1] is not None and vals[2] else "-"
+            print(f"  {title:<44} {cells[0]:>10} {cells[1]:>11} {cells[2]:>10} {ratio:>7}")
+
+        row("latency p50, concurrency 1", "p50_c1", " µs")
+        row("added p50, concurrency 1", "p50_c1", " µs", added=True)
+        row("latency p99, concurrency 1", "p99_c1", " µs")
+        row("latency p50, concurrency 64", "p50_c64", " µs")
+        row("added p50, concurrency 64", "p50_c64", " µs", added=True)
+        row("latency p99, concurrency 64", "p99_c64", " µs")
+        row("requests/s, concurrency 64", "rps", "")
+        row("proxy CPU per request (both proxies)", "cpu_us", " µs", fmt="{:.1f}")
+        row("bulk, one TCP connection (iperf3)", "gbit", " Gbit/s", fmt="{:.2f}")
+        row("UDP receive errors during bulk", "udp_errors", "")
+        if "rss_per_conn" in g:
+            print(f"  {'RSS per idle connection':<44} {'-':>10} {g['rss_per_conn']:>8.0f} B {h['rss_per_conn']:>8.0f} B {g['rss_per_conn'] / h['rss_per_conn']:>7.2f}")
+            print(f"  (the last idle connection answered a request: grapevine {g['idle_ok']}, haproxy {h['idle_ok']})")
+        for name, r in results.items():
+            if r["errors"]:
+                print(f"  note: wrk socket errors on {name}: {r['errors']}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
