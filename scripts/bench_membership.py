@@ -84,7 +84,7 @@ class Serf(System):
 
     def argv(self, i, n, base, workdir):
         return ["serf", "agent", f"-node=s{i}", f"-bind=127.0.0.1:{base + i}",
-                f"-rpc-addr=127.0.0.1:{base + 1000 + i}", "-profile=lan", "-log-level=info",
+                f"-rpc-addr=127.0.0.1:{base + 70 + i}", "-profile=lan", "-log-level=info",
                 f"-retry-join=127.0.0.1:{base}", "-retry-interval=1s"]
 
     def parse(self, line):
@@ -112,7 +112,7 @@ class Grapevine(System):
             with open(self.key, "w") as f:
                 f.write(subprocess.check_output([AGENT, "keygen"], text=True))
         return [AGENT, "run", "--node-id", f"g{i}", "--region", "bench", "--log-format", "json",
-                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 1000 + i}",
+                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 70 + i}",
                 "--cluster-key-file", self.key, "--data-dir", os.path.join(workdir, f"g{i}"),
                 "--gossip-interval", self.interval, "--join", f"127.0.0.1:{base}"]
 
@@ -244,14 +244,22 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     systems = [Serf()] + [Grapevine(i) for i in args.intervals.split(",")]
     results = {}
-    base = 30000
+    # Ports stay below Linux's ephemeral range (32768 up), so no outgoing connection holds one.
+    base = 20000
     for n in sizes:
         for s in systems:
             runs = []
             for r in range(args.runs):
-                base += 2500
-                print(f"  {s.label} N={n} run {r + 1}/{args.runs} ...", file=sys.stderr, flush=True)
-                runs.append(run_one(s, n, base, args.idle))
+                for attempt in range(2):
+                    base += 150
+                    print(f"  {s.label} N={n} run {r + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+                    try:
+                        runs.append(run_one(s, n, base, args.idle))
+                        break
+                    except RuntimeError as e:
+                        if attempt == 1:
+                            raise
+                        print(f"  {e}; retrying on other ports", file=sys.stderr, flush=True)
             med = {}
             for k in runs[0]:
                 vals = [x[k] for x in runs if x[k] is not None]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use super::{DataPlane, splice};
+use super::{BackendStream, DataPlane, splice, splice_quic};
 
 /// Serves one upstream listener until the task is aborted.
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
@@ -22,9 +22,15 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
         let (dp, service) = (dp.clone(), service.clone());
         tokio::spawn(async move {
             match dp.connect(&service, None, Some(peer)).await {
-                Ok(mut fwd) => {
-                    let _ = splice(&mut client, &mut fwd.stream).await;
-                }
+                Ok(fwd) => match fwd.stream {
+                    BackendStream::Quic(q) => {
+                        let (recv, send) = q.into_inner();
+                        splice_quic(client, send, recv).await;
+                    }
+                    BackendStream::Tcp(mut app) => {
+                        let _ = splice(&mut client, &mut app).await;
+                    }
+                },
                 Err(e) => {
                     // Closing without a byte tells the app the connection failed.
                     tracing::warn!(service = %service, error = %e, "upstream connection not forwarded");
