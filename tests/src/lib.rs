@@ -32,6 +32,23 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// Makes the child get SIGKILL when the thread that started it exits, so that a test killed by
+/// nextest's timeout (whose `Drop`s never run) leaves no agent behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent;
+    // it is the only call made between fork and exec.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Polls `cond` every 100 ms until it holds or `within` passes; panics with `what` on timeout.
 pub fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -170,6 +187,7 @@ impl Cluster {
         cmd.args(&opts.extra);
         cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("spawn agent");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel::<Value>();
