@@ -70,6 +70,8 @@ def udp_rcv_errors():
 
 def to_us(text):
     m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise RuntimeError(f"cannot read a latency from {text!r}")
     v, unit = float(m.group(1)), m.group(2)
     return v * {"us": 1, "ms": 1000, "s": 1e6}[unit]
 
@@ -78,8 +80,11 @@ def wrk(port, conns, seconds):
     threads = min(conns, 2)
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, check=True).stdout
-    p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = to_us(re.search(r"99%\s+(\S+)", out).group(1))
+    # The "Latency Distribution" lines start with the percentile (others end with one).
+    p50m, p99m = re.search(r"^\s+50%\s+(\S+)", out, re.M), re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not p50m or not p99m:
+        raise RuntimeError(f"wrk against port {port} measured nothing:\n{out}")
+    p50, p99 = to_us(p50m.group(1)), to_us(p99m.group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Socket errors: (.*)", out)

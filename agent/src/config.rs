@@ -177,6 +177,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub drain_timeout: Duration,
+    /// Threads of the async runtime that carries gossip and traffic.
+    pub worker_threads: usize,
     pub gossip: GossipSettings,
     pub events: EventSettings,
     pub security: Security,
@@ -259,6 +261,7 @@ pub struct Layer {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub drain_timeout: Option<String>,
+    pub worker_threads: Option<String>,
     pub gossip_interval: Option<String>,
     pub phi_threshold: Option<String>,
     pub dead_node_grace: Option<String>,
@@ -290,6 +293,7 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
     ("log_format", "text or json"),
     ("log_level", "tracing filter"),
     ("drain_timeout", "how long open connections may finish on shutdown"),
+    ("worker_threads", "threads carrying gossip and traffic"),
     ("gossip_interval", "gossip round interval"),
     ("phi_threshold", "failure-detector threshold"),
     ("dead_node_grace", "how long dead members are remembered"),
@@ -400,6 +404,7 @@ impl Layer {
             "log_format" => self.log_format = Some(v),
             "log_level" => self.log_level = Some(v),
             "drain_timeout" => self.drain_timeout = Some(v),
+            "worker_threads" => self.worker_threads = Some(v),
             "gossip_interval" => self.gossip_interval = Some(v),
             "phi_threshold" => self.phi_threshold = Some(v),
             "dead_node_grace" => self.dead_node_grace = Some(v),
@@ -551,6 +556,7 @@ impl Layer {
         };
         let drain_timeout =
             duration_in("drain_timeout", self.drain_timeout.as_deref(), "10s", Duration::ZERO, secs(3600))?;
+        let worker_threads = int_in("worker_threads", self.worker_threads.as_deref(), 1, 1, 256)? as usize;
         let s = self.security.unwrap_or_default();
         let security = Security {
             cluster_key_file: s.cluster_key_file,
@@ -627,6 +633,7 @@ impl Layer {
             log_format,
             log_level,
             drain_timeout,
+            worker_threads,
             gossip,
             events,
             security,

@@ -188,8 +188,21 @@ impl DataPlane {
         // Debian's default 208 KiB UDP buffers drop packets in bulk transfers; ask for 4 MiB
         // (the kernel caps it at net.core.rmem_max / wmem_max).
         let sock = socket2::SockRef::from(&socket);
-        let _ = sock.set_recv_buffer_size(4 << 20);
-        let _ = sock.set_send_buffer_size(4 << 20);
+        let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+        let _ = sock.set_send_buffer_size(UDP_BUFFER);
+        // The kernel halves what it reports and caps requests at net.core.rmem_max; with
+        // CAP_NET_ADMIN the cap can be lifted.
+        if sock.recv_buffer_size().unwrap_or(0) < UDP_BUFFER {
+            force_buffers(&socket);
+        }
+        let got = sock.recv_buffer_size().unwrap_or(0);
+        if got < UDP_BUFFER {
+            tracing::warn!(
+                receive_buffer = got,
+                wanted = UDP_BUFFER,
+                "the QUIC socket's receive buffer is small and bulk transfers may drop packets; raise net.core.rmem_max and net.core.wmem_max"
+            );
+        }
         Ok(socket)
     }
 
@@ -304,11 +317,25 @@ impl DataPlane {
             };
             let dp = self.clone();
             let peer = peer.clone();
-            tokio::spawn(async move { dp.handle_stream(send, recv, &peer).await });
+            tokio::spawn(async move {
+                // Boxed: header checks hold more state than the splice that follows, and an
+                // idle forwarded connection would keep that space for its whole life.
+                if let Some((app, send, recv, guard)) = Box::pin(dp.admit_stream(send, recv, &peer)).await {
+                    splice_quic(app, send, recv).await;
+                    drop(guard);
+                }
+            });
         }
     }
 
-    async fn handle_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream, peer: &str) {
+    /// Reads and checks a stream's header, connects to the local app and answers; returns what
+    /// the splice needs, or None after a refusal.
+    async fn admit_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        peer: &str,
+    ) -> Option<(TcpStream, quinn::SendStream, quinn::RecvStream, ActiveGuard)> {
         let header = match tokio::time::timeout(HEADER_TIMEOUT, header::read_header(&mut recv)).await {
             Ok(Ok(h)) => h,
             Ok(Err(answer)) => return self.refuse(send, answer, peer, "?").await,
@@ -336,18 +363,18 @@ impl DataPlane {
         };
         let _ = app.set_nodelay(true);
         if send.write_all(&[Answer::Accepted as u8]).await.is_err() {
-            return;
+            return None;
         }
         self.metrics.stream("in", "accepted");
-        let _guard = self.active.enter(&header.service);
-        splice_quic(app, send, recv).await;
+        Some((app, send, recv, self.active.enter(&header.service)))
     }
 
-    async fn refuse(&self, mut send: quinn::SendStream, answer: Answer, peer: &str, service: &str) {
+    async fn refuse<T>(&self, mut send: quinn::SendStream, answer: Answer, peer: &str, service: &str) -> Option<T> {
         self.metrics.stream("in", answer.as_str());
         tracing::debug!(peer, service, reason = answer.as_str(), "refused a forwarded stream");
         let _ = send.write_all(&[answer as u8]).await;
         let _ = send.finish();
+        None
     }
 
     // ------------------------------------------------------------------------------------------
@@ -544,6 +571,30 @@ pub async fn splice_quic(tcp: TcpStream, mut send: quinn::SendStream, mut recv: 
         let _ = send.stopped().await;
     };
     tokio::join!(quic_to_tcp, tcp_to_quic);
+}
+
+/// The UDP socket buffer the data plane asks for: Debian's default 208 KiB drops packets in bulk.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// SO_RCVBUFFORCE / SO_SNDBUFFORCE: like SO_RCVBUF / SO_SNDBUF past net.core.*mem_max, for a
+/// process with CAP_NET_ADMIN (a container's root usually has it). Failures leave the sizes
+/// as they were.
+#[allow(unsafe_code)]
+fn force_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = UDP_BUFFER as libc::c_int;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: a valid socket descriptor, a pointer to a live c_int and its exact length.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// Copies bytes both ways until both sides are done, with half-close.

@@ -21,7 +21,9 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
         let _ = client.set_nodelay(true);
         let (dp, service) = (dp.clone(), service.clone());
         tokio::spawn(async move {
-            match dp.connect(&service, None, Some(peer)).await {
+            // Boxed: the routing and retry state is large and only needed until the connection
+            // is made; kept inline, every idle forwarded connection would hold it.
+            match Box::pin(dp.connect(&service, None, Some(peer))).await {
                 Ok(fwd) => match fwd.stream {
                     BackendStream::Quic(q) => {
                         let (recv, send) = q.into_inner();
