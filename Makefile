@@ -1,5 +1,5 @@
 # Thin wrappers; the work lives in cargo and scripts/. See README.md.
-.PHONY: demo test bench bench-ring bench-membership bench-dataplane run deps lint
+.PHONY: demo test bench bench-ring bench-membership bench-dataplane sim run deps lint
 
 CARGO ?= cargo
 
@@ -31,6 +31,11 @@ bench-dataplane:
 	@bash scripts/deps.sh bench
 	$(CARGO) build --release -p grapevine-agent --bin agent
 	python3 scripts/bench_dataplane.py
+
+# Every shipped scenario in simulated time; reports and plots land in sim-out/NAME/.
+sim:
+	$(CARGO) build --release -p grapevine-sim --bin sim
+	@for f in sim/scenarios/*.toml; do ./target/release/sim run "$$f" || exit 1; echo; done
 
 run:
 	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev

@@ -107,10 +107,38 @@ impl RttTable {
     }
 }
 
+/// Where gossip datagrams go: a UDP socket in the agent, a simulated network in `sim`. The
+/// membership stack above it is the same code either way.
+#[async_trait]
+pub trait DatagramSocket: Send + Sync + std::fmt::Debug + 'static {
+    /// Receives one datagram. Must be cancel-safe.
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)>;
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize>;
+    /// Sends without waiting (for replies from inside the receive loop).
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize>;
+    fn local_addr(&self) -> std::io::Result<SocketAddr>;
+}
+
+#[async_trait]
+impl DatagramSocket for UdpSocket {
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        UdpSocket::recv_from(self, buf).await
+    }
+    async fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        UdpSocket::send_to(self, buf, to).await
+    }
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        UdpSocket::try_send_to(self, buf, to)
+    }
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        UdpSocket::local_addr(self)
+    }
+}
+
 /// The socket, the keyring and the counters, shared by chitchat's socket and the pinger.
 #[derive(Debug)]
 pub struct Wire {
-    socket: Arc<UdpSocket>,
+    socket: Box<dyn DatagramSocket>,
     keyring: RwLock<Keyring>,
     cluster: Vec<u8>,
     metrics: Arc<Metrics>,
@@ -119,9 +147,9 @@ pub struct Wire {
 }
 
 impl Wire {
-    pub fn new(socket: UdpSocket, keyring: Keyring, cluster: &str, metrics: Arc<Metrics>) -> Arc<Wire> {
+    pub fn new(socket: impl DatagramSocket, keyring: Keyring, cluster: &str, metrics: Arc<Metrics>) -> Arc<Wire> {
         Arc::new(Wire {
-            socket: Arc::new(socket),
+            socket: Box::new(socket),
             keyring: RwLock::new(keyring),
             cluster: cluster.as_bytes().to_vec(),
             metrics,

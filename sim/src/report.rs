@@ -1,0 +1,470 @@
+//! Turns a recording into figures a person can read: how long each change took to be seen by
+//! the first and by every agent, false positives, ring agreement, traffic; as JSON, a summary
+//! and SVG plots.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use grapevine_agent::cluster::snapshot::MemberState;
+use serde::Serialize;
+
+use crate::runner::{Applied, Recording};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventFigure {
+    pub t: f64,
+    pub action: String,
+    pub detail: String,
+    /// What "seen" means for this event.
+    pub seen_as: String,
+    /// Seconds until the first agent saw it; null if none did.
+    pub first_s: Option<f64>,
+    /// Seconds until every agent that could see it did; null if some never did.
+    pub all_s: Option<f64>,
+    /// Agents that saw it / agents that should have.
+    pub seen_by: usize,
+    pub observers: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FalsePositive {
+    pub t: f64,
+    pub observer: String,
+    pub subject: String,
+    /// Seconds until the observer saw it up again; null if never within the run.
+    pub for_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub seed: u64,
+    pub simulated_s: f64,
+    pub wall_s: f64,
+    pub max_nodes: usize,
+    /// Seconds until every agent saw every node alive after the start.
+    pub initial_convergence_s: Option<f64>,
+    pub events: Vec<EventFigure>,
+    pub false_positives: usize,
+    /// Distinct (observer, subject) pairs among the false positives.
+    pub false_positive_pairs: usize,
+    pub false_positive_examples: Vec<FalsePositive>,
+    /// Lowest ring agreement seen per region, and the mean.
+    pub ring_agreement_min: BTreeMap<String, f64>,
+    pub ring_agreement_mean: BTreeMap<String, f64>,
+    pub bytes_per_node_s: f64,
+    pub datagrams_per_node_s: f64,
+}
+
+fn first_complete_after(rec: &Recording, t: f64) -> Option<f64> {
+    rec.complete.iter().find(|(at, ok)| *at >= t && *ok).map(|(at, _)| at - t)
+}
+
+/// Times until each observer's view of `subject` became `want` (in `generation`, if given),
+/// after `t`.
+fn seen_times(rec: &Recording, t: f64, subject: &str, want: &[MemberState], until: f64) -> BTreeMap<String, f64> {
+    seen_times_of(rec, t, subject, want, until, None)
+}
+
+fn seen_times_of(
+    rec: &Recording,
+    t: f64,
+    subject: &str,
+    want: &[MemberState],
+    until: f64,
+    generation: Option<u64>,
+) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for tr in &rec.transitions {
+        if tr.t >= t
+            && tr.t <= until
+            && tr.subject == subject
+            && tr.state.is_some_and(|s| want.contains(&s))
+            && generation.is_none_or(|g| tr.generation == g)
+        {
+            out.entry(tr.observer.clone()).or_insert(tr.t - t);
+        }
+    }
+    out
+}
+
+pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, simulated_s: f64) -> Report {
+    let mut events = Vec::new();
+    let next_change = |a: &Applied| rec.applied.iter().map(|b| b.t).filter(|&t| t > a.t).fold(simulated_s, f64::min);
+    for a in &rec.applied {
+        let until = next_change(a);
+        let mut figure = |seen_as: &str, per_subject: Vec<BTreeMap<String, f64>>, observers: usize| {
+            // For several subjects (a region crash), an observer has seen it when it saw all.
+            let mut merged: BTreeMap<String, f64> = BTreeMap::new();
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for m in &per_subject {
+                for (o, s) in m {
+                    let e = merged.entry(o.clone()).or_insert(0.0);
+                    *e = e.max(*s);
+                    *counts.entry(o.clone()).or_default() += 1;
+                }
+            }
+            let complete: Vec<f64> =
+                merged.iter().filter(|(o, _)| counts.get(*o) == Some(&per_subject.len())).map(|(_, s)| *s).collect();
+            events.push(EventFigure {
+                t: a.t,
+                action: a.action.clone(),
+                detail: a.detail.clone(),
+                seen_as: seen_as.into(),
+                first_s: complete.iter().cloned().reduce(f64::min),
+                all_s: if complete.len() >= observers && observers > 0 {
+                    complete.iter().cloned().reduce(f64::max)
+                } else {
+                    None
+                },
+                seen_by: complete.len(),
+                observers,
+            });
+        };
+        match a.action.as_str() {
+            "crash" | "leave" => {
+                let want = if a.action == "crash" { vec![MemberState::Dead] } else { vec![MemberState::Left] };
+                let observers = &a.observers;
+                let per: Vec<_> = a
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        seen_times(rec, a.t, n, &want, until)
+                            .into_iter()
+                            .filter(|(o, _)| observers.contains(o))
+                            .collect()
+                    })
+                    .collect();
+                figure(if a.action == "crash" { "dead" } else { "left" }, per, observers.len());
+            }
+            "restart" | "join" => {
+                let observers = &a.observers;
+                let per: Vec<_> = a
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let generation = a.generations.iter().find(|(id, _)| id == n).map(|(_, g)| *g);
+                        seen_times_of(rec, a.t, n, &[MemberState::Alive, MemberState::Suspect], until, generation)
+                            .into_iter()
+                            .filter(|(o, _)| observers.contains(o))
+                            .collect()
+                    })
+                    .collect();
+                figure("alive", per, observers.len());
+            }
+            "partition" => {
+                // Each agent has seen the split when every node it can no longer hear from is
+                // dead in its view.
+                let mut per_observer: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+                for (o, subject) in &a.cut_pairs {
+                    let seen = seen_times(rec, a.t, subject, &[MemberState::Dead], until).get(o).copied();
+                    per_observer.entry(o.as_str()).or_default().push(seen);
+                }
+                let done: Vec<f64> = per_observer
+                    .values()
+                    .filter(|v| v.iter().all(Option::is_some))
+                    .map(|v| v.iter().flatten().cloned().fold(0.0, f64::max))
+                    .collect();
+                events.push(EventFigure {
+                    t: a.t,
+                    action: a.action.clone(),
+                    detail: a.detail.clone(),
+                    seen_as: "every node on the other side dead".into(),
+                    first_s: done.iter().cloned().reduce(f64::min),
+                    all_s: if done.len() == per_observer.len() && !done.is_empty() {
+                        done.iter().cloned().reduce(f64::max)
+                    } else {
+                        None
+                    },
+                    seen_by: done.len(),
+                    observers: per_observer.len(),
+                });
+            }
+            "heal" | "loss" => {
+                let done = first_complete_after(rec, a.t).filter(|s| a.t + s <= until);
+                let observers = a.observers.len();
+                events.push(EventFigure {
+                    t: a.t,
+                    action: a.action.clone(),
+                    detail: a.detail.clone(),
+                    seen_as: "every agent sees every running node alive".into(),
+                    first_s: None,
+                    all_s: if a.action == "heal" { done } else { None },
+                    seen_by: 0,
+                    observers,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    // False positives: an agent marking dead a node that was running and reachable both ways.
+    let mut fps = Vec::new();
+    for (k, tr) in rec.transitions.iter().enumerate() {
+        if tr.state == Some(MemberState::Dead) && tr.from.is_some_and(MemberState::is_up) && tr.subject_up_and_reachable
+        {
+            let back = rec.transitions[k + 1..]
+                .iter()
+                .find(|o| {
+                    o.observer == tr.observer && o.subject == tr.subject && o.state.is_some_and(MemberState::is_up)
+                })
+                .map(|o| o.t - tr.t);
+            fps.push(FalsePositive {
+                t: tr.t,
+                observer: tr.observer.clone(),
+                subject: tr.subject.clone(),
+                for_s: back,
+            });
+        }
+    }
+    let pairs: std::collections::BTreeSet<(&str, &str)> =
+        fps.iter().map(|f| (f.observer.as_str(), f.subject.as_str())).collect();
+
+    // Ring agreement counts from the moment every agent first saw every node: before that,
+    // agents that have not heard of an instance yet disagree by construction.
+    let converged_at = first_complete_after(rec, 0.0).unwrap_or(simulated_s);
+    let mut ring_min: BTreeMap<String, f64> = BTreeMap::new();
+    let mut ring_sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (_, region, share) in rec.ring_agreement.iter().filter(|(t, _, _)| *t >= converged_at) {
+        let m = ring_min.entry(region.clone()).or_insert(1.0);
+        *m = m.min(*share);
+        let s = ring_sum.entry(region.clone()).or_default();
+        s.0 += share;
+        s.1 += 1;
+    }
+    let node_s = rec.node_seconds.max(1e-9);
+    Report {
+        scenario: scenario.name.clone(),
+        description: scenario.description.clone(),
+        seed,
+        simulated_s,
+        wall_s: rec.wall_seconds,
+        max_nodes: rec.max_nodes,
+        initial_convergence_s: first_complete_after(rec, 0.0),
+        events,
+        false_positives: fps.len(),
+        false_positive_pairs: pairs.len(),
+        false_positive_examples: fps.into_iter().take(20).collect(),
+        ring_agreement_min: ring_min,
+        ring_agreement_mean: ring_sum.into_iter().map(|(r, (s, n))| (r, s / n as f64)).collect(),
+        bytes_per_node_s: rec.total_bytes as f64 / node_s,
+        datagrams_per_node_s: rec.total_datagrams as f64 / node_s,
+    }
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "never".into())
+}
+
+pub fn summary(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "scenario {} (seed {}): {:.0} s simulated in {:.1} s of wall time, up to {} nodes",
+        r.scenario, r.seed, r.simulated_s, r.wall_s, r.max_nodes
+    );
+    if !r.description.is_empty() {
+        let _ = writeln!(out, "  {}", r.description.trim());
+    }
+    let _ = writeln!(out, "  start: every agent saw every node alive after {}", secs(r.initial_convergence_s));
+    for e in &r.events {
+        let what = if e.detail.is_empty() { e.action.clone() } else { format!("{} {}", e.action, e.detail) };
+        match e.action.as_str() {
+            "loss" => {
+                let _ = writeln!(out, "  t={:>6.1}s {what}", e.t);
+            }
+            "heal" => {
+                let _ = writeln!(
+                    out,
+                    "  t={:>6.1}s {what}: every agent sees every running node alive after {}",
+                    e.t,
+                    secs(e.all_s)
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "  t={:>6.1}s {what}: seen {} by the first agent after {}, by all after {} ({}/{} agents)",
+                    e.t,
+                    e.seen_as,
+                    secs(e.first_s),
+                    secs(e.all_s),
+                    e.seen_by,
+                    e.observers
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  false positives (running, reachable nodes marked dead): {} ({} observer/subject pairs)",
+        r.false_positives, r.false_positive_pairs
+    );
+    let agreement: Vec<String> = r
+        .ring_agreement_min
+        .iter()
+        .map(|(k, v)| format!("{k} min {:.0}% mean {:.0}%", v * 100.0, r.ring_agreement_mean[k] * 100.0))
+        .collect();
+    let _ = writeln!(out, "  ring agreement within each region, after the start converged: {}", agreement.join("; "));
+    let _ = writeln!(
+        out,
+        "  gossip per node: {:.0} B/s, {:.1} datagrams/s (sealed, on the simulated wire)",
+        r.bytes_per_node_s, r.datagrams_per_node_s
+    );
+    out
+}
+
+/// A plain SVG line chart: one line per series, event times as vertical marks.
+pub fn line_chart(
+    title: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+    marks: &[(f64, String)],
+    x_max: f64,
+) -> String {
+    const W: f64 = 900.0;
+    const H: f64 = 360.0;
+    const L: f64 = 70.0;
+    const R: f64 = 160.0;
+    const T: f64 = 40.0;
+    const B: f64 = 40.0;
+    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
+    let y_max = series.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-9) * 1.1;
+    let x = |v: f64| L + v / x_max.max(1e-9) * (W - L - R);
+    let y = |v: f64| H - B - v / y_max * (H - T - B);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{L}" y="22" font-size="15">{title}</text>"#
+    );
+    let _ = write!(s, r#"<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, H - B, W - R, H - B);
+    let _ = write!(s, r#"<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#, H - B);
+    for i in 0..=4 {
+        let v = y_max / 1.1 * i as f64 / 4.0;
+        let _ = write!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{}</text><line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="#eee"/>"##,
+            L - 6.0,
+            y(v) + 4.0,
+            fmt_num(v),
+            y(v),
+            W - R,
+            y(v)
+        );
+        let xv = x_max * i as f64 / 4.0;
+        let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{:.0} s</text>"#, x(xv), H - B + 16.0, xv);
+    }
+    let _ = write!(
+        s,
+        r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{y_label}</text>"#,
+        H / 2.0,
+        H / 2.0
+    );
+    for (t, label) in marks {
+        let _ = write!(
+            s,
+            r##"<line x1="{0}" y1="{T}" x2="{0}" y2="{1}" stroke="#999" stroke-dasharray="4 3"/><text x="{2}" y="{3}" fill="#555" font-size="10">{4}</text>"##,
+            x(*t),
+            H - B,
+            x(*t) + 3.0,
+            T + 10.0,
+            xml(label)
+        );
+    }
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let color = colors[k % colors.len()];
+        // At most about 600 points per line: keep the file small, keep the steps visible.
+        let stride = pts.len().div_ceil(600).max(1);
+        let path: Vec<String> = pts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % stride == 0 || *i + 1 == pts.len())
+            .map(|(_, (a, b))| format!("{:.1},{:.1}", x(*a), y(*b)))
+            .collect();
+        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" fill="{color}">{}</text>"#,
+            W - R + 8.0,
+            T + 14.0 + 16.0 * k as f64,
+            xml(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The three plots of a run: members seen alive per region, ring agreement, traffic.
+pub fn plots(rec: &Recording, simulated_s: f64) -> Vec<(&'static str, String)> {
+    let marks: Vec<(f64, String)> = rec.applied.iter().map(|a| (a.t, format!("{} {}", a.action, a.detail))).collect();
+    let mut alive: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for region in &rec.regions {
+        for from in &rec.regions {
+            let seen: Vec<(f64, f64)> = rec
+                .seen_alive
+                .iter()
+                .filter(|(_, f, r, _, _)| r == region && f == from)
+                .map(|(t, _, _, m, _)| (*t, *m))
+                .collect();
+            alive.push((format!("{region} seen from {from}"), seen));
+        }
+        let mut truth: Vec<(f64, f64)> = rec
+            .seen_alive
+            .iter()
+            .filter(|(_, _, r, _, _)| r == region)
+            .map(|(t, _, _, _, a)| (*t, *a as f64))
+            .collect();
+        truth.dedup_by(|a, b| a.0 == b.0);
+        alive.push((format!("{region} running"), truth));
+    }
+    let agreement: Vec<(String, Vec<(f64, f64)>)> = rec
+        .regions
+        .iter()
+        .map(|r| {
+            (
+                r.clone(),
+                rec.ring_agreement.iter().filter(|(_, rr, _)| rr == r).map(|(t, _, v)| (*t, v * 100.0)).collect(),
+            )
+        })
+        .collect();
+    let traffic = vec![("bytes/s per node".to_string(), rec.traffic.iter().map(|(t, b, _)| (*t, *b)).collect())];
+    vec![
+        (
+            "members-alive.svg",
+            line_chart(
+                "Members seen alive per region (mean over running agents) and running",
+                "members",
+                &alive,
+                &marks,
+                simulated_s,
+            ),
+        ),
+        (
+            "ring-agreement.svg",
+            line_chart(
+                "Ring agreement: % of sampled keys on which every agent of a region picks the same instance",
+                "% of keys",
+                &agreement,
+                &marks,
+                simulated_s,
+            ),
+        ),
+        (
+            "traffic.svg",
+            line_chart("Gossip bytes per running node per second (sealed)", "bytes/s", &traffic, &marks, simulated_s),
+        ),
+    ]
+}

@@ -1,0 +1,475 @@
+//! Runs a scenario: N agents' real membership stack (the agent's chitchat adapter, sealed
+//! transport and snapshot code) over the simulated network, on tokio's paused clock, applying
+//! the timeline and recording what every agent sees.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use grapevine_agent::cluster::routing;
+use grapevine_agent::cluster::snapshot::{LocalNode, MemberState, ServiceRecord, Snapshot};
+use grapevine_agent::config::GossipSettings;
+use grapevine_agent::events::EventHub;
+use grapevine_agent::membership::keyring::Keyring;
+use grapevine_agent::membership::transport::Wire;
+use grapevine_agent::membership::{Membership, MembershipConfig};
+use grapevine_agent::metrics::Metrics;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::net::SimNet;
+use crate::scenario::{Scenario, parse_duration};
+
+/// One simulated node.
+struct Node {
+    id: String,
+    region: usize,
+    addr: SocketAddr,
+    generation: u64,
+    membership: Option<Arc<Membership>>,
+    /// Running and not left.
+    up: bool,
+    left: bool,
+}
+
+/// A fault or change as applied, at its simulated time.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Applied {
+    pub t: f64,
+    pub action: String,
+    pub detail: String,
+    /// Nodes it concerns.
+    #[serde(skip)]
+    pub nodes: Vec<String>,
+    /// Agents running when it happened, other than those it concerns.
+    #[serde(skip)]
+    pub observers: Vec<String>,
+    /// For a partition: (observer, subject) pairs cut apart, each expected to see the other dead.
+    #[serde(skip)]
+    pub cut_pairs: Vec<(String, String)>,
+    /// For a restart or join: the generation each node now runs.
+    #[serde(skip)]
+    pub generations: Vec<(String, u64)>,
+}
+
+/// One agent's view of one member changed.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub t: f64,
+    pub observer: String,
+    pub subject: String,
+    pub state: Option<MemberState>,
+    /// The observer's previous view of the subject (None: first sighting).
+    pub from: Option<MemberState>,
+    /// The subject's generation (incarnation) in the observer's view.
+    pub generation: u64,
+    /// Whether, at that moment, the subject was running and reachable from the observer.
+    pub subject_up_and_reachable: bool,
+}
+
+/// Everything recorded during a run.
+#[derive(Debug, Default)]
+pub struct Recording {
+    pub regions: Vec<String>,
+    pub applied: Vec<Applied>,
+    pub transitions: Vec<Transition>,
+    /// (t, observers' region, observed region, mean members of the observed region that the
+    /// observers see alive, members of it actually running).
+    pub seen_alive: Vec<(f64, String, String, f64, usize)>,
+    /// (t, region, share of sampled keys on which every up agent of the region agrees).
+    pub ring_agreement: Vec<(f64, String, f64)>,
+    /// (t, bytes per up node per second over the last sample, datagrams likewise).
+    pub traffic: Vec<(f64, f64, f64)>,
+    /// (t, every up agent sees every up node alive).
+    pub complete: Vec<(f64, bool)>,
+    pub total_bytes: u64,
+    pub total_datagrams: u64,
+    pub node_seconds: f64,
+    pub max_nodes: usize,
+    pub wall_seconds: f64,
+}
+
+struct World {
+    nodes: Vec<Node>,
+    net: SimNet,
+    keyring: Keyring,
+    regions: Vec<String>,
+    seeds: Vec<String>,
+    gossip: GossipSettings,
+    next_generation: u64,
+}
+
+impl World {
+    async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let node = &mut self.nodes[i];
+        node.generation = generation;
+        let socket = self.net.attach(node.addr, node.region);
+        let metrics = Arc::new(Metrics::new());
+        let wire = Wire::new(socket, self.keyring.clone(), "sim", metrics.clone());
+        let local = LocalNode {
+            id: node.id.clone(),
+            region: self.regions[node.region].clone(),
+            zone: format!("{}-a", self.regions[node.region]),
+            version: "sim".into(),
+            cluster: "sim".into(),
+        };
+        let config = MembershipConfig {
+            local,
+            generation,
+            gossip_advertise: node.addr,
+            data_advertise: Some(SocketAddr::new(node.addr.ip(), 7947)),
+            seeds: self.seeds.iter().filter(|s| **s != node.addr.to_string()).cloned().collect(),
+            gossip: self.gossip.clone(),
+            event_ttl: Duration::from_secs(60),
+        };
+        let events = Arc::new(EventHub::new(metrics.clone(), 512, Duration::from_secs(60), 0));
+        let m = Arc::new(Membership::start(config, wire, events, metrics).await?);
+        m.set_services(&[ServiceRecord {
+            name: "web".into(),
+            port: 3000,
+            weight: 100,
+            healthy: true,
+            load: 0,
+            pinned: false,
+            draining: false,
+        }])
+        .await;
+        node.membership = Some(m);
+        node.up = true;
+        node.left = false;
+        Ok(())
+    }
+
+    fn index(&self, id: &str) -> anyhow::Result<usize> {
+        self.nodes.iter().position(|n| n.id == id).ok_or_else(|| anyhow::anyhow!("no node named {id:?}"))
+    }
+
+    fn region(&self, name: &str) -> anyhow::Result<usize> {
+        self.regions.iter().position(|r| r == name).ok_or_else(|| anyhow::anyhow!("no region named {name:?}"))
+    }
+
+    fn add_node(&mut self, region: usize) -> usize {
+        let index = self.nodes.iter().filter(|n| n.region == region).count();
+        let id = format!("{}-{}", self.regions[region], index + 1);
+        self.nodes.push(Node {
+            id,
+            region,
+            addr: SimNet::address(region, index),
+            generation: 0,
+            membership: None,
+            up: false,
+            left: false,
+        });
+        self.nodes.len() - 1
+    }
+
+    async fn crash(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(m) = node.membership.take() {
+            m.shutdown().await;
+        }
+        self.net.detach(node.addr);
+        node.up = false;
+    }
+}
+
+/// Runs the scenario with `seed`. Must run on a current-thread runtime with the clock paused.
+pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
+    let wall = std::time::SystemTime::now();
+    let regions: Vec<String> = scenario.regions.iter().map(|r| r.name.clone()).collect();
+    let net_spec = &scenario.network;
+    let local = parse_duration("network.local", net_spec.local.as_deref().unwrap_or("1ms"))?;
+    let remote = parse_duration("network.remote", net_spec.remote.as_deref().unwrap_or("40ms"))?;
+    let mut latency = vec![vec![remote; regions.len()]; regions.len()];
+    for (i, row) in latency.iter_mut().enumerate() {
+        row[i] = local;
+    }
+    for p in &net_spec.pairs {
+        let a = regions
+            .iter()
+            .position(|r| *r == p.a)
+            .ok_or_else(|| anyhow::anyhow!("network.pair: no region {:?}", p.a))?;
+        let b = regions
+            .iter()
+            .position(|r| *r == p.b)
+            .ok_or_else(|| anyhow::anyhow!("network.pair: no region {:?}", p.b))?;
+        let d = parse_duration("network.pair.latency", &p.latency)?;
+        latency[a][b] = d;
+        latency[b][a] = d;
+    }
+    let net = SimNet::new(latency, net_spec.jitter.unwrap_or(0.1), net_spec.loss.unwrap_or(0.0), seed);
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let gossip = GossipSettings {
+        interval: parse_duration("gossip_interval", scenario.gossip_interval.as_deref().unwrap_or("500ms"))?,
+        phi_threshold: scenario.phi_threshold.unwrap_or(8.0),
+        dead_node_grace: Duration::from_secs(600),
+        reprobe_interval: Duration::from_secs(5),
+    };
+    let mut world = World {
+        nodes: Vec::new(),
+        net: net.clone(),
+        keyring: Keyring::from_keys(vec![key]),
+        regions: regions.clone(),
+        seeds: Vec::new(),
+        gossip,
+        next_generation: 0,
+    };
+    for (r, spec) in scenario.regions.iter().enumerate() {
+        for _ in 0..spec.nodes {
+            world.add_node(r);
+        }
+    }
+    // Seeds: the first node of each region, as a deployment would list them.
+    world.seeds = (0..regions.len()).map(|r| SimNet::address(r, 0).to_string()).collect();
+    let start = Instant::now();
+    let elapsed = move || start.elapsed().as_secs_f64();
+    for i in 0..world.nodes.len() {
+        world.start_node(i).await?;
+    }
+
+    let recording = Arc::new(Mutex::new(Recording { regions: regions.clone(), ..Default::default() }));
+    let world = Arc::new(tokio::sync::Mutex::new(world));
+    let observer = tokio::spawn(observe(world.clone(), recording.clone(), elapsed));
+
+    let mut events = scenario.events.clone();
+    events.sort_by_key(|e| parse_duration("event.at", &e.at).unwrap_or_default());
+    for e in events {
+        let at = parse_duration("event.at", &e.at)?;
+        tokio::time::sleep_until(start + at).await;
+        let mut w = world.lock().await;
+        let t = elapsed();
+        let mut applied = Applied {
+            t,
+            action: e.action.clone(),
+            detail: String::new(),
+            nodes: Vec::new(),
+            observers: Vec::new(),
+            cut_pairs: Vec::new(),
+            generations: Vec::new(),
+        };
+        match e.action.as_str() {
+            "crash" => {
+                let targets: Vec<usize> = match (&e.node, &e.region) {
+                    (Some(n), _) => vec![w.index(n)?],
+                    (None, Some(r)) => {
+                        let r = w.region(r)?;
+                        (0..w.nodes.len()).filter(|&i| w.nodes[i].region == r && w.nodes[i].up).collect()
+                    }
+                    _ => vec![],
+                };
+                for i in targets {
+                    applied.nodes.push(w.nodes[i].id.clone());
+                    w.crash(i).await;
+                }
+                applied.detail = applied.nodes.join(",");
+            }
+            "restart" => {
+                let i = w.index(e.node.as_deref().unwrap_or_default())?;
+                w.crash(i).await;
+                w.start_node(i).await?;
+                applied.nodes.push(w.nodes[i].id.clone());
+                applied.detail = w.nodes[i].id.clone();
+            }
+            "leave" => {
+                let i = w.index(e.node.as_deref().unwrap_or_default())?;
+                if let Some(m) = w.nodes[i].membership.take() {
+                    // Leaving takes a few gossip rounds of simulated time; the node counts as
+                    // gone from now on.
+                    let (net, addr) = (w.net.clone(), w.nodes[i].addr);
+                    tokio::spawn(async move {
+                        m.leave().await;
+                        net.detach(addr);
+                    });
+                }
+                w.nodes[i].up = false;
+                w.nodes[i].left = true;
+                applied.nodes.push(w.nodes[i].id.clone());
+                applied.detail = w.nodes[i].id.clone();
+            }
+            "join" => {
+                let r = w.region(e.region.as_deref().unwrap_or_default())?;
+                for _ in 0..e.count.unwrap_or(0) {
+                    let i = w.add_node(r);
+                    w.start_node(i).await?;
+                    applied.nodes.push(w.nodes[i].id.clone());
+                }
+                applied.detail = format!("{} nodes in {}", applied.nodes.len(), w.regions[r]);
+            }
+            "partition" => {
+                let (a, b) = e.between.clone().unwrap_or_default();
+                let a: Vec<usize> = a.iter().map(|r| w.region(r)).collect::<Result<_, _>>()?;
+                let b: Vec<usize> = b.iter().map(|r| w.region(r)).collect::<Result<_, _>>()?;
+                w.net.partition(&a, &b, e.one_way);
+                for o in w.nodes.iter().filter(|n| n.up) {
+                    for s in w.nodes.iter().filter(|n| n.up && !w.net.reachable(n.region, o.region)) {
+                        applied.cut_pairs.push((o.id.clone(), s.id.clone()));
+                    }
+                }
+                let names = |v: &[usize]| v.iter().map(|&r| w.regions[r].clone()).collect::<Vec<_>>().join("+");
+                applied.detail = format!("{} {} {}", names(&a), if e.one_way { "->" } else { "<->" }, names(&b));
+            }
+            "heal" => w.net.heal(),
+            "loss" => {
+                let rate = e.rate.unwrap_or(0.0);
+                w.net.set_loss(rate);
+                applied.detail = format!("{:.0}%", rate * 100.0);
+            }
+            _ => {}
+        }
+        applied.generations = applied
+            .nodes
+            .iter()
+            .filter_map(|id| w.nodes.iter().find(|n| &n.id == id))
+            .map(|n| (n.id.clone(), n.generation))
+            .collect();
+        applied.observers =
+            w.nodes.iter().filter(|n| n.up && !applied.nodes.contains(&n.id)).map(|n| n.id.clone()).collect();
+        recording.lock().unwrap_or_else(|e| e.into_inner()).applied.push(applied);
+    }
+    tokio::time::sleep_until(start + scenario.duration()).await;
+    observer.abort();
+    let mut w = world.lock().await;
+    for i in 0..w.nodes.len() {
+        if w.nodes[i].up {
+            w.crash(i).await;
+        }
+    }
+    let mut rec =
+        Arc::try_unwrap(recording).map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).unwrap_or_default();
+    rec.wall_seconds = wall.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let traffic = net.traffic();
+    rec.total_bytes = traffic.bytes;
+    rec.total_datagrams = traffic.datagrams;
+    Ok(rec)
+}
+
+/// Samples every agent's snapshot: state changes, members seen alive, ring agreement, traffic.
+async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording>>, elapsed: impl Fn() -> f64) {
+    let (sample, keys) = {
+        let w = world.lock().await;
+        let n = w.nodes.len();
+        (
+            if n <= 100 { Duration::from_millis(100) } else { Duration::from_millis(500) },
+            if n <= 100 { 100 } else { 20 },
+        )
+    };
+    let keys: Vec<String> = (0..keys).map(|k| format!("session-{k}")).collect();
+    let mut views: BTreeMap<String, BTreeMap<String, (MemberState, u64)>> = BTreeMap::new();
+    let mut last_traffic = (0.0, 0u64, 0u64);
+    let mut tick = tokio::time::interval(sample);
+    let mut since_agreement = Duration::ZERO;
+    loop {
+        tick.tick().await;
+        let t = elapsed();
+        let w = world.lock().await;
+        let up: Vec<usize> = (0..w.nodes.len()).filter(|&i| w.nodes[i].up).collect();
+        let snaps: Vec<(usize, Arc<Snapshot>)> = up
+            .iter()
+            .filter_map(|&i| w.nodes[i].membership.as_ref().map(|m| (i, m.snapshots().borrow().clone())))
+            .collect();
+        let up_ids: std::collections::BTreeSet<&str> = up.iter().map(|&i| w.nodes[i].id.as_str()).collect();
+        let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+        r.max_nodes = r.max_nodes.max(up.len());
+        r.node_seconds += up.len() as f64 * sample.as_secs_f64();
+        // State changes per observer.
+        for (i, snap) in &snaps {
+            let observer = &w.nodes[*i];
+            let view = views.entry(observer.id.clone()).or_default();
+            let mut now: BTreeMap<String, (MemberState, u64)> = BTreeMap::new();
+            for m in &snap.members {
+                if m.id != observer.id {
+                    now.insert(m.id.clone(), (m.state, m.generation));
+                }
+            }
+            for (id, (state, generation)) in &now {
+                if view.get(id) != Some(&(*state, *generation)) {
+                    let subject = w.nodes.iter().find(|n| &n.id == id);
+                    // Only the incarnation that is running counts: an old generation dying
+                    // after a restart is not a false alarm.
+                    let ok = subject.is_some_and(|s| {
+                        s.up && s.generation == *generation
+                            && w.net.reachable(observer.region, s.region)
+                            && w.net.reachable(s.region, observer.region)
+                    });
+                    r.transitions.push(Transition {
+                        t,
+                        observer: observer.id.clone(),
+                        subject: id.clone(),
+                        state: Some(*state),
+                        from: view.get(id).filter(|(_, g)| g == generation).map(|(s, _)| *s),
+                        generation: *generation,
+                        subject_up_and_reachable: ok,
+                    });
+                }
+            }
+            *view = now;
+        }
+        // Members seen alive, per region, and whether every view is complete.
+        let mut complete = true;
+        for (ri, region) in w.regions.iter().enumerate() {
+            let actual = up.iter().filter(|&&i| w.nodes[i].region == ri).count();
+            let mut sums = vec![(0usize, 0usize); w.regions.len()];
+            for (i, snap) in &snaps {
+                let seen = snap.members.iter().filter(|m| m.region == *region && m.state.is_up()).count();
+                let from = &mut sums[w.nodes[*i].region];
+                from.0 += seen;
+                from.1 += 1;
+                let expected: usize = up.iter().filter(|&&j| w.nodes[j].region == ri && j != *i).count()
+                    + usize::from(w.nodes[*i].region == ri);
+                let seen_up = snap
+                    .members
+                    .iter()
+                    .filter(|m| m.region == *region && m.state.is_up() && up_ids.contains(m.id.as_str()))
+                    .count();
+                if seen_up < expected {
+                    complete = false;
+                }
+            }
+            for (fi, (sum, n)) in sums.iter().enumerate() {
+                if *n > 0 {
+                    r.seen_alive.push((t, w.regions[fi].clone(), region.clone(), *sum as f64 / *n as f64, actual));
+                }
+            }
+        }
+        r.complete.push((t, complete));
+        // Traffic over the last sample.
+        let traffic = w.net.traffic();
+        let dt = t - last_traffic.0;
+        if dt > 0.0 && !up.is_empty() {
+            let bps = (traffic.bytes - last_traffic.1) as f64 / dt / up.len() as f64;
+            let dps = (traffic.datagrams - last_traffic.2) as f64 / dt / up.len() as f64;
+            r.traffic.push((t, bps, dps));
+        }
+        last_traffic = (t, traffic.bytes, traffic.datagrams);
+        // Ring agreement once a second: does every up agent of a region pick the same instance?
+        since_agreement += sample;
+        if since_agreement >= Duration::from_secs(1) {
+            since_agreement = Duration::ZERO;
+            for (ri, region) in w.regions.iter().enumerate() {
+                let members: Vec<&Arc<Snapshot>> =
+                    snaps.iter().filter(|(i, _)| w.nodes[*i].region == ri).map(|(_, s)| s).collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let agreed = keys
+                    .iter()
+                    .filter(|k| {
+                        let mut chosen = members.iter().map(|s| {
+                            routing::route(s, "web", Some(k.as_str()), &mut |_| 0)
+                                .ok()
+                                .and_then(|r| r.chosen)
+                                .map(|c| c.node)
+                        });
+                        let first = chosen.next().flatten();
+                        first.is_some() && chosen.all(|c| c == first)
+                    })
+                    .count();
+                r.ring_agreement.push((t, region.clone(), agreed as f64 / keys.len() as f64));
+            }
+        }
+    }
+}

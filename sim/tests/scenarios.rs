@@ -1,0 +1,100 @@
+//! Small scenarios run in simulated time, with the report asserted.
+
+use grapevine_sim::report;
+use grapevine_sim::runner::{self, Recording};
+use grapevine_sim::scenario::Scenario;
+
+fn run(text: &str, seed: u64) -> (Recording, report::Report) {
+    let scenario = Scenario::from_toml(text).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rec = runtime.block_on(runner::run(&scenario, seed)).unwrap();
+    let r = report::build(&rec, &scenario, seed, scenario.duration().as_secs_f64());
+    (rec, r)
+}
+
+const SPLIT: &str = r#"
+name = "test-split"
+duration = "70s"
+[[region]]
+name = "east"
+nodes = 4
+[[region]]
+name = "west"
+nodes = 4
+[[event]]
+at = "15s"
+action = "partition"
+between = [["east"], ["west"]]
+[[event]]
+at = "40s"
+action = "heal"
+"#;
+
+#[test]
+fn a_split_is_seen_on_both_sides_and_heals_by_itself() {
+    let (_, r) = run(SPLIT, 7);
+    assert!(r.initial_convergence_s.is_some_and(|s| s < 10.0), "{r:?}");
+    let split = r.events.iter().find(|e| e.action == "partition").unwrap();
+    assert_eq!(split.observers, 8);
+    let seen = split.all_s.expect("every agent saw the other side dead during the split");
+    assert!(seen < 20.0, "took {seen} s");
+    let heal = r.events.iter().find(|e| e.action == "heal").unwrap();
+    let healed = heal.all_s.expect("every agent saw every node alive after the heal");
+    assert!(healed < 15.0, "took {healed} s");
+    assert!(r.bytes_per_node_s > 0.0);
+    let summary = report::summary(&r);
+    assert!(summary.contains("heal"), "{summary}");
+}
+
+const CRASH: &str = r#"
+name = "test-crash"
+duration = "45s"
+[[region]]
+name = "east"
+nodes = 5
+[[region]]
+name = "west"
+nodes = 3
+[[event]]
+at = "10s"
+action = "crash"
+node = "east-2"
+[[event]]
+at = "25s"
+action = "restart"
+node = "east-2"
+[[event]]
+at = "35s"
+action = "leave"
+node = "west-3"
+"#;
+
+#[test]
+fn crash_restart_and_leave_are_seen_everywhere_without_false_positives() {
+    let (rec, r) = run(CRASH, 3);
+    let crash = &r.events[0];
+    assert_eq!(crash.action, "crash");
+    assert!(crash.all_s.is_some_and(|s| s < 15.0), "{crash:?}");
+    assert!(crash.first_s.unwrap() <= crash.all_s.unwrap());
+    let restart = &r.events[1];
+    assert!(restart.all_s.is_some_and(|s| s < 10.0), "{restart:?}");
+    let leave = &r.events[2];
+    assert_eq!(leave.seen_as, "left");
+    assert!(leave.all_s.is_some_and(|s| s < 10.0), "{leave:?}");
+    assert_eq!(r.false_positives, 0, "{:?}", r.false_positive_examples);
+    // The plots exist and are SVG.
+    for (name, svg) in report::plots(&rec, 45.0) {
+        assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{name}");
+    }
+}
+
+#[test]
+fn one_seed_applies_the_same_faults_at_the_same_times() {
+    let (a, _) = run(CRASH, 11);
+    let (b, _) = run(CRASH, 11);
+    let faults =
+        |r: &Recording| r.applied.iter().map(|x| (x.t, x.action.clone(), x.detail.clone())).collect::<Vec<_>>();
+    assert_eq!(faults(&a), faults(&b));
+    assert_eq!(faults(&a).len(), 3);
+    assert_eq!(faults(&a)[0].0, 10.0);
+}
