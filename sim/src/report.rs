@@ -24,6 +24,10 @@ pub struct EventFigure {
     /// Agents that saw it / agents that should have.
     pub seen_by: usize,
     pub observers: usize,
+    /// Share of 1000 sampled sessions whose instance changed, seen from an agent of the
+    /// affected region, and the ideal share for this change.
+    pub sessions_moved: Option<f64>,
+    pub sessions_moved_ideal: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -120,6 +124,8 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                 },
                 seen_by: complete.len(),
                 observers,
+                sessions_moved: None,
+                sessions_moved_ideal: None,
             });
         };
         match a.action.as_str() {
@@ -179,6 +185,8 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     },
                     seen_by: done.len(),
                     observers: per_observer.len(),
+                    sessions_moved: None,
+                    sessions_moved_ideal: None,
                 });
             }
             "heal" | "loss" => {
@@ -193,9 +201,21 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     all_s: if a.action == "heal" { done } else { None },
                     seen_by: 0,
                     observers,
+                    sessions_moved: None,
+                    sessions_moved_ideal: None,
                 });
             }
             _ => {}
+        }
+    }
+
+    // Sessions moved, matched to their events by time.
+    for (index, moved, ideal) in &rec.sessions_moved {
+        if let Some(a) = rec.applied.get(*index)
+            && let Some(e) = events.iter_mut().find(|e| e.t == a.t && e.action == a.action)
+        {
+            e.sessions_moved = Some(*moved);
+            e.sessions_moved_ideal = Some(*ideal);
         }
     }
 
@@ -283,9 +303,13 @@ pub fn summary(r: &Report) -> String {
                 );
             }
             _ => {
+                let moved = match (e.sessions_moved, e.sessions_moved_ideal) {
+                    (Some(m), Some(i)) => format!("; sessions moved {:.1}% (ideal {:.1}%)", m * 100.0, i * 100.0),
+                    _ => String::new(),
+                };
                 let _ = writeln!(
                     out,
-                    "  t={:>6.1}s {what}: seen {} by the first agent after {}, by all after {} ({}/{} agents)",
+                    "  t={:>6.1}s {what}: seen {} by the first agent after {}, by all after {} ({}/{} agents){moved}",
                     e.t,
                     e.seen_as,
                     secs(e.first_s),

@@ -83,6 +83,9 @@ pub struct Recording {
     pub traffic: Vec<(f64, f64, f64)>,
     /// (t, every up agent sees every up node alive).
     pub complete: Vec<(f64, bool)>,
+    /// (index into `applied`, share of sampled sessions whose instance changed, the ideal
+    /// share) as seen by one agent of the changed region, before the event and once it settled.
+    pub sessions_moved: Vec<(usize, f64, f64)>,
     pub total_bytes: u64,
     pub total_datagrams: u64,
     pub node_seconds: f64,
@@ -237,11 +240,29 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
 
     let mut events = scenario.events.clone();
     events.sort_by_key(|e| parse_duration("event.at", &e.at).unwrap_or_default());
-    for e in events {
+    let mut event_times: Vec<std::time::Duration> =
+        events.iter().map(|e| parse_duration("event.at", &e.at).unwrap_or_default()).collect();
+    event_times.push(scenario.duration());
+    for (k, e) in events.into_iter().enumerate() {
         let at = parse_duration("event.at", &e.at)?;
         tokio::time::sleep_until(start + at).await;
         let mut w = world.lock().await;
         let t = elapsed();
+        // Sessions moved: one agent of the affected region maps sampled keys before the change
+        // and again once it has settled (10 s later, or just before the next event).
+        let probe = match (e.action.as_str(), &e.node, &e.region) {
+            ("crash" | "restart" | "leave", Some(n), _) => w.index(n).ok().map(|i| w.nodes[i].region),
+            ("join", _, Some(r)) => w.region(r).ok(),
+            _ => None,
+        }
+        .and_then(|region| {
+            let affected = e.node.clone().unwrap_or_default();
+            let was_up = w.nodes.iter().any(|n| n.id == affected && n.up);
+            let reference = w.nodes.iter().position(|n| n.up && n.region == region && n.id != affected)?;
+            let before = session_map(&w.nodes[reference]);
+            let instances = before_instances(&w, region);
+            Some((reference, before, instances, was_up))
+        });
         let mut applied = Applied {
             t,
             action: e.action.clone(),
@@ -328,7 +349,41 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             .collect();
         applied.observers =
             w.nodes.iter().filter(|n| n.up && !applied.nodes.contains(&n.id)).map(|n| n.id.clone()).collect();
-        recording.lock().unwrap_or_else(|e| e.into_inner()).applied.push(applied);
+        let changed = applied.nodes.len();
+        let index = {
+            let mut r = recording.lock().unwrap_or_else(|e| e.into_inner());
+            r.applied.push(applied);
+            r.applied.len() - 1
+        };
+        if let Some((reference, before, instances, was_up)) = probe {
+            let settle = (start + event_times[k + 1].min(at + Duration::from_secs(10)))
+                .checked_sub(Duration::from_millis(100))
+                .unwrap_or(start);
+            let (world, recording) = (world.clone(), recording.clone());
+            let action = e.action.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(settle).await;
+                let w = world.lock().await;
+                if !w.nodes[reference].up {
+                    return;
+                }
+                let after = session_map(&w.nodes[reference]);
+                let moved =
+                    before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / before.len().max(1) as f64;
+                // Removing k of n instances moves k/n of the sessions; adding k to n moves k/(n+k);
+                // restarting a crashed node adds it back; restarting a running one moves nothing
+                // once the new generation is known.
+                let n = instances.max(1) as f64;
+                let k = changed as f64;
+                let ideal = match action.as_str() {
+                    "join" => k / (n + k),
+                    "restart" if was_up => 0.0,
+                    "restart" => k / (n + k),
+                    _ => k / n,
+                };
+                recording.lock().unwrap_or_else(|e| e.into_inner()).sessions_moved.push((index, moved, ideal));
+            });
+        }
     }
     tokio::time::sleep_until(start + scenario.duration()).await;
     observer.abort();
@@ -345,6 +400,27 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
     rec.total_bytes = traffic.bytes;
     rec.total_datagrams = traffic.datagrams;
     Ok(rec)
+}
+
+const SESSION_KEYS: usize = 1000;
+
+/// Which instance of `web` each of the sampled session keys goes to, from `node`.
+fn session_map(node: &Node) -> Vec<Option<String>> {
+    let Some(m) = &node.membership else { return vec![None; SESSION_KEYS] };
+    let snap = m.snapshots().borrow().clone();
+    (0..SESSION_KEYS)
+        .map(|k| {
+            routing::route(&snap, "web", Some(&format!("user-{k}")), &mut |_| 0)
+                .ok()
+                .and_then(|r| r.chosen)
+                .map(|c| c.node)
+        })
+        .collect()
+}
+
+/// Instances running in `region` before a change (restarting nodes count as absent).
+fn before_instances(w: &World, region: usize) -> usize {
+    w.nodes.iter().filter(|n| n.region == region && n.up).count()
 }
 
 /// Samples every agent's snapshot: state changes, members seen alive, ring agreement, traffic.

@@ -76,6 +76,10 @@ fn crash_restart_and_leave_are_seen_everywhere_without_false_positives() {
     assert_eq!(crash.action, "crash");
     assert!(crash.all_s.is_some_and(|s| s < 15.0), "{crash:?}");
     assert!(crash.first_s.unwrap() <= crash.all_s.unwrap());
+    // One of five instances in its region: a fifth of the sessions move, and only those.
+    assert_eq!(crash.sessions_moved_ideal, Some(0.2));
+    let moved = crash.sessions_moved.unwrap();
+    assert!((0.1..0.3).contains(&moved), "moved {moved}");
     let restart = &r.events[1];
     assert!(restart.all_s.is_some_and(|s| s < 10.0), "{restart:?}");
     let leave = &r.events[2];
