@@ -1,5 +1,5 @@
 # Thin wrappers; the work lives in cargo and scripts/. See README.md.
-.PHONY: demo test bench bench-ring bench-membership bench-dataplane sim run deps lint
+.PHONY: demo test bench bench-ring bench-membership bench-dataplane sim sim-netns run deps lint
 
 CARGO ?= cargo
 
@@ -36,6 +36,12 @@ bench-dataplane:
 sim:
 	$(CARGO) build --release -p grapevine-sim --bin sim
 	@for f in sim/scenarios/*.toml; do ./target/release/sim run "$$f" || exit 1; echo; done
+
+# The netns scenario on real agents in network namespaces (root; installs nftables).
+sim-netns:
+	@bash scripts/deps.sh sim-netns
+	$(CARGO) build --release -p grapevine-sim -p grapevine-agent
+	./target/release/sim netns sim/scenarios/netns-split.toml
 
 run:
 	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev

@@ -17,6 +17,11 @@ need_cargo_tool cargo-nextest cargo-nextest
 # Debian packages: name of a command each provides, then the package. `deps.sh bench` adds the
 # peers the benchmarks measure against.
 packages='curl curl'
+if [ "${1:-}" = sim-netns ]; then
+  packages="$packages
+nft nftables
+ip iproute2"
+fi
 if [ "${1:-}" = bench ]; then
   packages="$packages
 serf serf

@@ -10,6 +10,7 @@
 //! snapshot), each over a [`net::SimSocket`] instead of a UDP socket.
 
 pub mod net;
+pub mod netns;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -30,11 +30,21 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         runs: u64,
     },
+    /// Run a scenario's timeline on real `agent` processes in network namespaces (root only).
+    Netns {
+        /// The scenario file; at most 8 regions of at most 8 nodes are used.
+        scenario: PathBuf,
+        /// Directory for logs, keys and report.json [default: sim-out/NAME-netns].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The agent binary [default: the `agent` beside this `sim`].
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Run { scenario, seed, out, runs } = cli.command;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SIM_LOG")
@@ -42,7 +52,44 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let scenario = match scenario::Scenario::load(&scenario) {
+    match cli.command {
+        Command::Run { scenario, seed, out, runs } => run_command(&scenario, seed, out, runs),
+        Command::Netns { scenario, out, agent } => netns_command(&scenario, out, agent),
+    }
+}
+
+fn netns_command(path: &std::path::Path, out: Option<PathBuf>, agent: Option<PathBuf>) -> ExitCode {
+    let scenario = match scenario::Scenario::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let agent = agent
+        .or_else(|| {
+            std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("agent"))).filter(|p| p.exists())
+        })
+        .unwrap_or_else(|| PathBuf::from("agent"));
+    let out = out.unwrap_or_else(|| grapevine_sim::netns::default_out(&scenario.name));
+    let _ = std::fs::create_dir_all(&out);
+    let out = std::fs::canonicalize(&out).unwrap_or(out);
+    match grapevine_sim::netns::run_netns(&scenario, &agent, &out) {
+        Ok(r) => {
+            print!("{}", grapevine_sim::netns::summary(&r));
+            let _ = std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&r).unwrap_or_default());
+            println!("wrote {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sim netns: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(scenario: &std::path::Path, seed: Option<u64>, out: Option<PathBuf>, runs: u64) -> ExitCode {
+    let scenario = match scenario::Scenario::load(scenario) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sim: {e:#}");
