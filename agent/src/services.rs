@@ -192,18 +192,12 @@ impl LocalServices {
 
     /// The announcement of each service.
     pub fn records(&self) -> Vec<ServiceRecord> {
-        self.lock()
-            .values()
-            .map(|e| ServiceRecord {
-                name: e.config.name.clone(),
-                port: e.config.port,
-                weight: e.config.weight,
-                healthy: e.healthy,
-                load: e.load,
-                pinned: e.config.pinned_to_region,
-                draining: e.draining,
-            })
-            .collect()
+        self.lock().values().map(Entry::record).collect()
+    }
+
+    /// The announcement of one service (the data plane's check on every forwarded stream).
+    pub fn record(&self, name: &str) -> Option<ServiceRecord> {
+        self.lock().get(name).map(Entry::record)
     }
 
     /// The services with a health check, for the check supervisor.
@@ -217,6 +211,18 @@ impl LocalServices {
 }
 
 impl Entry {
+    fn record(&self) -> ServiceRecord {
+        ServiceRecord {
+            name: self.config.name.clone(),
+            port: self.config.port,
+            weight: self.config.weight,
+            healthy: self.healthy,
+            load: self.load,
+            pinned: self.config.pinned_to_region,
+            draining: self.draining,
+        }
+    }
+
     fn new(config: ServiceConfig, source: Source, layer: Option<ServiceLayer>) -> Entry {
         // Without a check, a registered service is healthy; with one, it waits for a pass.
         let healthy = config.check.is_none();

@@ -284,9 +284,8 @@ impl Snapshot {
 
     /// Distinct regions, sorted.
     pub fn regions(&self) -> Vec<String> {
+        // Members are sorted by (region, id), so equal regions are adjacent.
         let mut r: Vec<String> = self.members.iter().map(|m| m.region.clone()).collect();
-        r.dedup();
-        r.sort();
         r.dedup();
         r
     }

@@ -347,7 +347,7 @@ impl DataPlane {
         if self.draining.load(Ordering::Relaxed) {
             return self.refuse(send, Answer::Draining, peer, &header.service).await;
         }
-        let Some(record) = self.services.records().into_iter().find(|r| r.name == header.service) else {
+        let Some(record) = self.services.record(&header.service) else {
             return self.refuse(send, Answer::UnknownService, peer, &header.service).await;
         };
         if record.draining {
@@ -432,8 +432,7 @@ impl DataPlane {
         client: Option<SocketAddr>,
     ) -> Result<BackendStream, String> {
         if target.node == self.node_id {
-            let record =
-                self.services.records().into_iter().find(|r| r.name == service).ok_or("no longer fronted here")?;
+            let record = self.services.record(service).ok_or("no longer fronted here")?;
             let s = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port)))
                 .await
                 .map_err(|_| "local app connect timed out".to_string())?

@@ -342,14 +342,12 @@ async fn snapshot_loop(
             metrics.members.get_or_create(&StateLabel { state: state.as_str().into() }).set(n as i64);
         }
         metrics.snapshots.inc();
-        let changed = {
+        {
             let old = tx.borrow();
-            old.members.iter().map(|m| (&m.id, m.state)).ne(snap.members.iter().map(|m| (&m.id, m.state)))
-        };
-        if changed {
-            for m in &snap.members {
-                let before = tx.borrow().member(&m.id).map(|o| o.state);
-                if before != Some(m.state) && m.id != config.local.id {
+            let before: HashMap<&str, crate::cluster::snapshot::MemberState> =
+                old.members.iter().map(|m| (m.id.as_str(), m.state)).collect();
+            for m in snap.members.iter().filter(|m| m.id != config.local.id) {
+                if before.get(m.id.as_str()) != Some(&m.state) {
                     tracing::info!(member = %m.id, region = %m.region, state = m.state.as_str(), "member state changed");
                 }
             }
