@@ -27,7 +27,7 @@ pub struct NodeDoc {
     pub zone: String,
     pub version: String,
     pub cluster: String,
-    /// `member` for now; gateways come with region pools.
+    /// `gateway` if this agent carries its region's summary to the other regions, else `member`.
     pub role: String,
 }
 
@@ -38,7 +38,12 @@ pub struct ClusterDoc {
     pub suspect: usize,
     pub dead: usize,
     pub left: usize,
+    #[serde(default)]
+    pub unreachable: usize,
     pub regions: Vec<String>,
+    /// Per region: its gateways and whether this agent's region can reach it.
+    #[serde(default)]
+    pub region_info: BTreeMap<String, crate::cluster::snapshot::RegionInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +74,11 @@ impl StatusDoc {
                 zone: s.local.zone.clone(),
                 version: s.local.version.clone(),
                 cluster: s.local.cluster.clone(),
-                role: "member".into(),
+                role: if s.region_info.get(&s.local.region).is_some_and(|r| r.gateways.contains(&s.local.id)) {
+                    "gateway".into()
+                } else {
+                    "member".into()
+                },
             },
             cluster: ClusterDoc {
                 members: s.members.len(),
@@ -77,7 +86,9 @@ impl StatusDoc {
                 suspect: counts[&MemberState::Suspect],
                 dead: counts[&MemberState::Dead],
                 left: counts[&MemberState::Left],
+                unreachable: counts[&MemberState::Unreachable],
                 regions: s.regions(),
+                region_info: s.region_info.clone(),
             },
             members: s.members.clone(),
             services: s

@@ -181,10 +181,10 @@ pub struct RunArgs {
     /// Threads carrying gossip and traffic; more help a busy gateway, one keeps latency lowest [env: AGENT_WORKER_THREADS] [default: 1]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<String>,
-    /// Gossip round interval [env: AGENT_GOSSIP_INTERVAL] [default: 500ms]
+    /// Gossip round interval of the gateways' WAN pool [env: AGENT_GOSSIP_INTERVAL] [default: 1s]
     #[arg(long, value_name = "DURATION")]
     pub gossip_interval: Option<String>,
-    /// Failure-detector (phi accrual) threshold [env: AGENT_PHI_THRESHOLD] [default: 8]
+    /// WAN pool failure-detector (phi accrual) threshold [env: AGENT_PHI_THRESHOLD] [default: 8]
     #[arg(long, value_name = "PHI")]
     pub phi_threshold: Option<String>,
     /// How long dead members are remembered [env: AGENT_DEAD_NODE_GRACE] [default: 10m]
@@ -193,6 +193,27 @@ pub struct RunArgs {
     /// How often seeds and dead members are re-probed [env: AGENT_REPROBE_INTERVAL] [default: 5s]
     #[arg(long, value_name = "DURATION")]
     pub reprobe_interval: Option<String>,
+    /// Region pool anti-entropy round interval (changes travel by hints) [env: AGENT_ANTI_ENTROPY_INTERVAL] [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub anti_entropy_interval: Option<String>,
+    /// SWIM direct probe interval [env: AGENT_PROBE_INTERVAL] [default: 500ms]
+    #[arg(long, value_name = "DURATION")]
+    pub probe_interval: Option<String>,
+    /// How long a SWIM probe waits before asking others [env: AGENT_PROBE_TIMEOUT] [default: 250ms]
+    #[arg(long, value_name = "DURATION")]
+    pub probe_timeout: Option<String>,
+    /// Members asked to probe an unresponsive one [env: AGENT_INDIRECT_PROBES] [default: 3]
+    #[arg(long, value_name = "N")]
+    pub indirect_probes: Option<String>,
+    /// How long a suspect may refute before it is dead [env: AGENT_SUSPICION_TIMEOUT] [default: 2s]
+    #[arg(long, value_name = "DURATION")]
+    pub suspicion_timeout: Option<String>,
+    /// Gateways carrying each region's summary [env: AGENT_GATEWAYS_PER_REGION] [default: 2]
+    #[arg(long, value_name = "N")]
+    pub gateways_per_region: Option<String>,
+    /// Largest gossip pool (its digest must fit one datagram) [env: AGENT_MAX_POOL_SIZE] [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub max_pool_size: Option<String>,
     /// Largest event payload in bytes [env: AGENT_EVENT_MAX_PAYLOAD] [default: 512]
     #[arg(long, value_name = "BYTES")]
     pub event_max_payload: Option<String>,
@@ -238,7 +259,7 @@ impl RunArgs {
         if self.dev {
             l.dev = Some(true);
         }
-        let scalars: [(&str, Option<String>); 25] = [
+        let scalars: [(&str, Option<String>); 32] = [
             ("cluster", self.cluster.clone()),
             ("node_id", self.node_id.clone()),
             ("region", self.region.clone()),
@@ -258,6 +279,13 @@ impl RunArgs {
             ("phi_threshold", self.phi_threshold.clone()),
             ("dead_node_grace", self.dead_node_grace.clone()),
             ("reprobe_interval", self.reprobe_interval.clone()),
+            ("anti_entropy_interval", self.anti_entropy_interval.clone()),
+            ("probe_interval", self.probe_interval.clone()),
+            ("probe_timeout", self.probe_timeout.clone()),
+            ("indirect_probes", self.indirect_probes.clone()),
+            ("suspicion_timeout", self.suspicion_timeout.clone()),
+            ("gateways_per_region", self.gateways_per_region.clone()),
+            ("max_pool_size", self.max_pool_size.clone()),
             ("event_max_payload", self.event_max_payload.clone()),
             ("event_ttl", self.event_ttl.clone()),
             ("cluster_key_file", self.cluster_key_file.as_ref().map(|p| p.display().to_string())),

@@ -119,16 +119,32 @@ pub fn render_status(s: &StatusDoc) -> String {
     let c = &s.cluster;
     let _ = writeln!(
         out,
-        "members {}: {} alive, {} suspect, {} dead, {} left; regions: {}",
+        "members {}: {} alive, {} suspect, {} dead, {} left, {} unreachable; regions: {}",
         c.members,
         c.alive,
         c.suspect,
         c.dead,
         c.left,
+        c.unreachable,
         c.regions.join(", ")
     );
     for region in &c.regions {
-        let _ = writeln!(out, "\nregion {region}");
+        match c.region_info.get(region) {
+            Some(info) => {
+                let gateways = if info.gateways.is_empty() { "none known".to_string() } else { info.gateways.join(", ") };
+                let reach = if region == &n.region {
+                    "this region"
+                } else if info.reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                };
+                let _ = writeln!(out, "\nregion {region}  ({reach}; gateways: {gateways})");
+            }
+            None => {
+                let _ = writeln!(out, "\nregion {region}");
+            }
+        }
         let mut rows = vec![["ID", "ZONE", "GOSSIP", "STATE", "SERVICES", "LOAD", "RTT"].map(String::from).to_vec()];
         for m in s.members.iter().filter(|m| &m.region == region) {
             let me = if m.id == n.id { " *" } else { "" };

@@ -128,6 +128,7 @@ pub struct IngressConfig {
 }
 
 /// Gossip tuning. Defaults suit a LAN or a few regions; see README for the trade-offs.
+/// `GossipSettings::default()` is what an agent uses when nothing is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GossipSettings {
     /// How often each agent gossips with a few peers.
@@ -138,6 +139,23 @@ pub struct GossipSettings {
     pub dead_node_grace: Duration,
     /// How often seeds and recently dead members are re-probed, so healed partitions merge.
     pub reprobe_interval: Duration,
+    /// The region pool's anti-entropy round: slow, because changes travel by version hints.
+    pub anti_entropy_interval: Duration,
+    /// SWIM: direct probe interval, probe timeout, indirect probes, suspicion timeout.
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub indirect_probes: usize,
+    pub suspicion_timeout: Duration,
+    /// Gateways per region in the WAN pool.
+    pub gateways_per_region: usize,
+    /// A pool refuses strangers past this many members.
+    pub max_pool_size: usize,
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        Layer::default().gossip_settings().unwrap_or_else(|e| unreachable!("the built-in defaults are valid: {e}"))
+    }
 }
 
 /// Limits on cluster events.
@@ -266,6 +284,13 @@ pub struct Layer {
     pub phi_threshold: Option<String>,
     pub dead_node_grace: Option<String>,
     pub reprobe_interval: Option<String>,
+    pub anti_entropy_interval: Option<String>,
+    pub probe_interval: Option<String>,
+    pub probe_timeout: Option<String>,
+    pub indirect_probes: Option<String>,
+    pub suspicion_timeout: Option<String>,
+    pub gateways_per_region: Option<String>,
+    pub max_pool_size: Option<String>,
     pub event_max_payload: Option<String>,
     pub event_ttl: Option<String>,
     pub security: Option<SecurityLayer>,
@@ -298,6 +323,13 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
     ("phi_threshold", "failure-detector threshold"),
     ("dead_node_grace", "how long dead members are remembered"),
     ("reprobe_interval", "how often seeds and dead members are re-probed"),
+    ("anti_entropy_interval", "region pool anti-entropy round interval (changes travel by hints)"),
+    ("probe_interval", "SWIM direct probe interval"),
+    ("probe_timeout", "how long a SWIM probe waits before asking others"),
+    ("indirect_probes", "members asked to probe an unresponsive one"),
+    ("suspicion_timeout", "how long a suspect may refute before it is dead"),
+    ("gateways_per_region", "gateways carrying each region's summary"),
+    ("max_pool_size", "largest gossip pool (its digest must fit one datagram)"),
     ("event_max_payload", "largest event payload in bytes"),
     ("event_ttl", "how long an event can still reach members"),
     ("cluster_key_file", "gossip keyring file (base64 keys, one per line, first seals)"),
@@ -409,6 +441,13 @@ impl Layer {
             "phi_threshold" => self.phi_threshold = Some(v),
             "dead_node_grace" => self.dead_node_grace = Some(v),
             "reprobe_interval" => self.reprobe_interval = Some(v),
+            "anti_entropy_interval" => self.anti_entropy_interval = Some(v),
+            "probe_interval" => self.probe_interval = Some(v),
+            "probe_timeout" => self.probe_timeout = Some(v),
+            "indirect_probes" => self.indirect_probes = Some(v),
+            "suspicion_timeout" => self.suspicion_timeout = Some(v),
+            "gateways_per_region" => self.gateways_per_region = Some(v),
+            "max_pool_size" => self.max_pool_size = Some(v),
             "event_max_payload" => self.event_max_payload = Some(v),
             "event_ttl" => self.event_ttl = Some(v),
             "cluster_key_file" => self.security.get_or_insert_with(sec).cluster_key_file = Some(v.into()),
@@ -445,6 +484,13 @@ impl Layer {
             phi_threshold,
             dead_node_grace,
             reprobe_interval,
+            anti_entropy_interval,
+            probe_interval,
+            probe_timeout,
+            indirect_probes,
+            suspicion_timeout,
+            gateways_per_region,
+            max_pool_size,
             event_max_payload,
             event_ttl,
             services,
@@ -480,8 +526,58 @@ impl Layer {
         self
     }
 
+    /// The gossip settings of this layer, defaults applied and validated.
+    pub fn gossip_settings(&self) -> Result<GossipSettings, ConfigError> {
+        let gossip = GossipSettings {
+            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "1s", ms(50), secs(60))?,
+            phi_threshold: float_in("phi_threshold", self.phi_threshold.as_deref(), 8.0, 1.0, 50.0)?,
+            dead_node_grace: duration_in(
+                "dead_node_grace",
+                self.dead_node_grace.as_deref(),
+                "10m",
+                secs(10),
+                secs(7 * 86400),
+            )?,
+            reprobe_interval: duration_in(
+                "reprobe_interval",
+                self.reprobe_interval.as_deref(),
+                "5s",
+                ms(100),
+                secs(3600),
+            )?,
+            anti_entropy_interval: duration_in(
+                "anti_entropy_interval",
+                self.anti_entropy_interval.as_deref(),
+                "30s",
+                ms(50),
+                secs(600),
+            )?,
+            probe_interval: duration_in("probe_interval", self.probe_interval.as_deref(), "500ms", ms(20), secs(60))?,
+            probe_timeout: duration_in("probe_timeout", self.probe_timeout.as_deref(), "250ms", ms(5), secs(30))?,
+            indirect_probes: int_in("indirect_probes", self.indirect_probes.as_deref(), 3, 1, 16)? as usize,
+            suspicion_timeout: duration_in(
+                "suspicion_timeout",
+                self.suspicion_timeout.as_deref(),
+                "2s",
+                ms(50),
+                secs(600),
+            )?,
+            gateways_per_region: int_in("gateways_per_region", self.gateways_per_region.as_deref(), 2, 1, 8)? as usize,
+            max_pool_size: int_in("max_pool_size", self.max_pool_size.as_deref(), 1000, 2, 1200)? as usize,
+        };
+        if gossip.probe_timeout >= gossip.probe_interval {
+            return Err(ConfigError::new(
+                "probe_timeout",
+                humantime::format_duration(gossip.probe_timeout).to_string(),
+                "a duration shorter than probe_interval",
+            ));
+        }
+        Ok(gossip)
+    }
+
     /// Validates the merged layers into a `Config`, applying defaults.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let gossip = self.gossip_settings()?;
         let dev = self.dev.unwrap_or(false);
         let loopback = if dev { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
         let cluster = self.cluster.unwrap_or_else(|| if dev { "dev".into() } else { "default".into() });
@@ -532,24 +628,6 @@ impl Layer {
                 "a tracing filter such as info or grapevine=debug,warn",
             ));
         }
-        let gossip = GossipSettings {
-            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "500ms", ms(50), secs(60))?,
-            phi_threshold: float_in("phi_threshold", self.phi_threshold.as_deref(), 8.0, 1.0, 50.0)?,
-            dead_node_grace: duration_in(
-                "dead_node_grace",
-                self.dead_node_grace.as_deref(),
-                "10m",
-                secs(10),
-                secs(7 * 86400),
-            )?,
-            reprobe_interval: duration_in(
-                "reprobe_interval",
-                self.reprobe_interval.as_deref(),
-                "5s",
-                ms(100),
-                secs(3600),
-            )?,
-        };
         let events = EventSettings {
             max_payload: int_in("event_max_payload", self.event_max_payload.as_deref(), 512, 0, 8192)? as usize,
             ttl: duration_in("event_ttl", self.event_ttl.as_deref(), "60s", secs(1), secs(3600))?,

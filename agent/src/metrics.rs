@@ -66,6 +66,16 @@ pub struct Metrics {
     pub streams: Family<StreamLabel, Counter>,
     pub ejections: Counter,
     pub ingress_requests: Family<CodeLabel, Counter>,
+    /// Members in each gossip pool this agent belongs to (`region`, `wan`).
+    pub pool_size: Family<KindLabel, Gauge>,
+    /// Version hints sent, received, and pulls they started (`sent`, `received`, `pull`).
+    pub hints: Family<KindLabel, Counter>,
+    /// Region members SWIM currently suspects.
+    pub suspects: Gauge,
+    /// Times this agent became or stopped being a gateway, and gateway sets it saw change.
+    pub gateway_changes: Family<KindLabel, Counter>,
+    /// Strangers a full pool refused.
+    pub pool_refused: Counter,
 }
 
 impl Metrics {
@@ -121,7 +131,29 @@ impl Metrics {
         );
         let ingress_requests = Family::<CodeLabel, Counter>::default();
         registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
-        for state in ["alive", "suspect", "dead", "left"] {
+        let pool_size = Family::<KindLabel, Gauge>::default();
+        registry.register("pool_members", "Members of each gossip pool this agent is in (region, wan)", pool_size.clone());
+        let hints = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "version_hints",
+            "Version hints sent and received, and the pulls they started",
+            hints.clone(),
+        );
+        let suspects = Gauge::default();
+        registry.register("swim_suspects", "Members of this region SWIM currently suspects", suspects.clone());
+        let gateway_changes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "gateway_changes",
+            "This agent becoming (promoted) or ceasing to be (demoted) a gateway; region gateway sets changing (changed)",
+            gateway_changes.clone(),
+        );
+        let pool_refused = Counter::default();
+        registry.register(
+            "pool_refused",
+            "Gossip from strangers refused because the pool is at its size limit",
+            pool_refused.clone(),
+        );
+        for state in ["alive", "suspect", "dead", "left", "unreachable"] {
             members.get_or_create(&StateLabel { state: state.into() }).set(0);
         }
         for direction in ["in", "out"] {
@@ -143,6 +175,11 @@ impl Metrics {
             streams,
             ejections,
             ingress_requests,
+            pool_size,
+            hints,
+            suspects,
+            gateway_changes,
+            pool_refused,
         }
     }
 

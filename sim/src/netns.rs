@@ -155,8 +155,8 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
                     "--upstream".into(),
                     "web=127.0.0.1:9000".into(),
                 ];
-                if let Some(g) = &scenario.gossip_interval {
-                    argv.extend(["--gossip-interval".into(), g.clone()]);
+                for (k, v) in scenario.setting_strings() {
+                    argv.extend([format!("--{}", k.replace('_', "-")), v]);
                 }
                 for s in &seeds {
                     if *s != format!("{ip}:7946") {

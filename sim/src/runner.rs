@@ -206,12 +206,7 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
     let net = SimNet::new(latency, net_spec.jitter.unwrap_or(0.1), net_spec.loss.unwrap_or(0.0), seed);
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
-    let gossip = GossipSettings {
-        interval: parse_duration("gossip_interval", scenario.gossip_interval.as_deref().unwrap_or("500ms"))?,
-        phi_threshold: scenario.phi_threshold.unwrap_or(8.0),
-        dead_node_grace: Duration::from_secs(600),
-        reprobe_interval: Duration::from_secs(5),
-    };
+    let gossip = scenario.gossip_settings()?;
     let mut world = World {
         nodes: Vec::new(),
         net: net.clone(),

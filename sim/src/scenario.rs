@@ -17,10 +17,10 @@ pub struct Scenario {
     pub duration: String,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// The agent's gossip settings, by their configuration keys (`probe_interval = "500ms"`,
+    /// `gossip_interval = "1s"`, ...); unset ones take the agent's defaults.
     #[serde(default)]
-    pub gossip_interval: Option<String>,
-    #[serde(default)]
-    pub phi_threshold: Option<f64>,
+    pub settings: std::collections::BTreeMap<String, toml::Value>,
     #[serde(rename = "region")]
     pub regions: Vec<RegionSpec>,
     #[serde(default)]
@@ -146,4 +146,32 @@ impl Scenario {
 
 pub fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(text).with_context(|| format!("{what} = {text:?} is not a duration such as 500ms or 2m"))
+}
+
+impl Scenario {
+    /// The settings as strings, the way a config file would give them to the agent.
+    pub fn setting_strings(&self) -> Vec<(String, String)> {
+        self.settings
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
+    /// The agent's gossip settings for this scenario.
+    pub fn gossip_settings(&self) -> anyhow::Result<grapevine_agent::config::GossipSettings> {
+        let mut layer = grapevine_agent::config::Layer::default();
+        for (k, v) in self.setting_strings() {
+            if !grapevine_agent::config::SCALAR_SETTINGS.iter().any(|(name, _)| *name == k) {
+                bail!("settings.{k}: not an agent setting");
+            }
+            layer.set_scalar(&k, v);
+        }
+        layer.gossip_settings().map_err(|e| anyhow::anyhow!("settings: {e}"))
+    }
 }

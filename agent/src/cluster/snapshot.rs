@@ -16,6 +16,9 @@ pub enum MemberState {
     Suspect,
     Dead,
     Left,
+    /// In another region that this agent's region cannot currently reach (a cut between
+    /// regions): not known to be dead, and not routable.
+    Unreachable,
 }
 
 impl MemberState {
@@ -25,6 +28,7 @@ impl MemberState {
             MemberState::Suspect => "suspect",
             MemberState::Dead => "dead",
             MemberState::Left => "left",
+            MemberState::Unreachable => "unreachable",
         }
     }
 
@@ -41,6 +45,8 @@ pub enum Liveness {
     /// Alive, but nothing heard from it for a while.
     Suspect,
     Dead,
+    /// Its region cannot be reached from ours.
+    Unreachable,
 }
 
 /// What a member says of itself.
@@ -147,6 +153,17 @@ pub struct Snapshot {
     pub region_rtt_ms: BTreeMap<String, f64>,
     /// Increases with every rebuild.
     pub epoch: u64,
+    /// Per region: its gateways and whether this agent's region can reach it.
+    pub region_info: BTreeMap<String, RegionInfo>,
+}
+
+/// A region as this agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RegionInfo {
+    /// The members carrying this region's summary to and from the others.
+    pub gateways: Vec<String>,
+    /// False while a cut keeps this agent's region from hearing from it.
+    pub reachable: bool,
 }
 
 impl Snapshot {
@@ -159,6 +176,7 @@ impl Snapshot {
             rings: BTreeMap::new(),
             region_rtt_ms: BTreeMap::new(),
             epoch: 0,
+            region_info: BTreeMap::new(),
         }
     }
 
@@ -188,6 +206,7 @@ impl Snapshot {
                     (_, Liveness::Alive) => MemberState::Alive,
                     (_, Liveness::Suspect) => MemberState::Suspect,
                     (_, Liveness::Dead) => MemberState::Dead,
+                    (_, Liveness::Unreachable) => MemberState::Unreachable,
                 };
                 let is_local = r.id == local.id;
                 let mut services: Vec<InstanceView> = r
@@ -263,7 +282,7 @@ impl Snapshot {
                 Ring::new(valid).ok().map(|r| (name, r))
             })
             .collect();
-        Snapshot { local, members, services, rings, region_rtt_ms, epoch }
+        Snapshot { local, members, services, rings, region_rtt_ms, epoch, region_info: BTreeMap::new() }
     }
 
     pub fn member(&self, id: &str) -> Option<&MemberView> {
@@ -273,7 +292,7 @@ impl Snapshot {
     /// Counts by state.
     pub fn counts(&self) -> BTreeMap<MemberState, usize> {
         let mut c = BTreeMap::new();
-        for s in [MemberState::Alive, MemberState::Suspect, MemberState::Dead, MemberState::Left] {
+        for s in [MemberState::Alive, MemberState::Suspect, MemberState::Dead, MemberState::Left, MemberState::Unreachable] {
             c.insert(s, 0);
         }
         for m in &self.members {

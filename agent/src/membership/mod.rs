@@ -1,20 +1,37 @@
-//! The membership adapter: chitchat (pinned at 0.11.0, whose message encoding is public so our
-//! own sealed transport can carry it) turned into cluster snapshots.
+//! The membership adapter: how an agent knows the cluster, turned into cluster snapshots.
 //!
-//! Everything chitchat-specific stops here. The rest of the agent sees a
+//! Three layers, all on one sealed UDP socket ([`transport::Wire`]):
+//!
+//! - **The region pool**: a chitchat instance (pinned at 0.11.0, whose message encoding is public
+//!   so our own sealed transport can carry it) holding only this region's members and their
+//!   state as key-values. Its anti-entropy round is slow (`anti_entropy_interval`, 30 s) because
+//!   changes travel by version hints.
+//! - **SWIM** ([`swim`], the `foca` crate) inside the region: who is alive, suspect or dead. Its
+//!   probes also carry version hints ("node X is at version v"); a member that is behind pulls
+//!   from X at once.
+//! - **The WAN pool** ([`gateway`]): the first `gateways_per_region` healthy members of each
+//!   region (by id) run a second chitchat instance among all gateways, carrying one summary key
+//!   per member of their region, and copy the other regions' summaries into their own region
+//!   state. A region whose gateways stop being heard is `unreachable`, not dead.
+//!
+//! Everything chitchat- and foca-specific stops here. The rest of the agent sees a
 //! `watch::Receiver<Arc<Snapshot>>`, an [`EventHub`] and a few commands (publish services, fire
 //! an event, drain, leave).
 //!
-//! Each node's state is a set of key-values: `region`, `zone`, `gossip_addr`, `data_addr`,
-//! `version`, `status` (`active`, `draining`, `left`), one `svc:<name>` per service (JSON
-//! [`ServiceRecord`]) and short-lived `ev:<id>` event keys.
+//! Each node's region state: `region`, `zone`, `gossip_addr`, `data_addr`, `version`, `status`
+//! (`active`, `draining`, `left`), one `svc:<name>` per service (JSON [`ServiceRecord`]),
+//! short-lived `ev:<id>` event keys, and on gateways `x:<node>` (another region's member) and
+//! `reach` (the other regions' gateways and reachability).
 
+pub mod gateway;
 pub mod keyring;
+pub mod swim;
 pub mod transport;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,14 +39,18 @@ use chitchat::{
     Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle, NodeState,
     spawn_chitchat,
 };
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
-use crate::cluster::snapshot::{Lifecycle, Liveness, LocalNode, MemberRecord, ServiceRecord, Snapshot};
+use crate::cluster::snapshot::{
+    Lifecycle, Liveness, LocalNode, MemberRecord, MemberState, MemberView, RegionInfo, ServiceRecord, Snapshot,
+};
 use crate::config::GossipSettings;
 use crate::events::{EventBody, EventHub};
-use crate::metrics::{Metrics, StateLabel};
-use transport::{SealedTransport, Wire};
+use crate::metrics::{KindLabel, Metrics, StateLabel};
+use swim::{Hint, Swim, SwimId, SwimSettings, SwimState};
+use transport::{FRAME_GOSSIP, FRAME_JOIN, FRAME_JOIN_REPLY, FRAME_SWIM, SealedTransport, Wire};
 
 const KEY_REGION: &str = "region";
 const KEY_ZONE: &str = "zone";
@@ -39,6 +60,12 @@ const KEY_VERSION: &str = "version";
 const KEY_STATUS: &str = "status";
 const SERVICE_PREFIX: &str = "svc:";
 const EVENT_PREFIX: &str = "ev:";
+/// On a gateway's region state: one member of another region (JSON [`MemberView`]).
+const REMOTE_PREFIX: &str = "x:";
+/// On a gateway's region state: the other regions' gateways and reachability.
+const KEY_REACH: &str = "reach";
+/// Most addresses in a join reply.
+const JOIN_REPLY_MAX: usize = 16;
 
 /// What membership needs to start.
 #[derive(Debug, Clone)]
@@ -52,52 +79,108 @@ pub struct MembershipConfig {
     pub event_ttl: Duration,
 }
 
-/// A running membership: chitchat plus the tasks that turn it into snapshots.
-pub struct Membership {
-    handle: Arc<Mutex<Option<ChitchatHandle>>>,
-    chitchat: Arc<Mutex<Chitchat>>,
+/// "Which members of `region` do you know?", sent to seeds.
+#[derive(Debug, Serialize, Deserialize)]
+struct JoinRequest {
+    region: String,
+}
+
+/// The answer: members of that region, and gateways of any region.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct JoinReply {
+    members: Vec<SocketAddr>,
+    gateways: Vec<SocketAddr>,
+}
+
+/// A chitchat instance and its handle.
+pub(crate) struct Pool {
+    pub chitchat: Arc<Mutex<Chitchat>>,
+    pub handle: ChitchatHandle,
+    _listener: ListenerHandle,
+}
+
+/// What every membership task shares.
+pub(crate) struct Shared {
+    pub config: MembershipConfig,
     pub wire: Arc<Wire>,
-    config: MembershipConfig,
+    pub metrics: Arc<Metrics>,
+    pub swim: Arc<Swim>,
+    pub region: Arc<Mutex<Chitchat>>,
+    pub region_handle: Mutex<Option<ChitchatHandle>>,
+    pub wan: Mutex<Option<Pool>>,
+    pub events: Arc<EventHub>,
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Gateways learned from join replies, to seed the WAN pool.
+    pub known_gateways: std::sync::Mutex<Vec<SocketAddr>>,
+    /// Gossip addresses in the region pool, for the pool size limit.
+    pub pool_addrs: Arc<std::sync::RwLock<HashSet<SocketAddr>>>,
+    /// This node's state changed in a way the region should hear about now.
+    pub significant: AtomicBool,
+    /// Event ids already relayed between the region and the WAN pool.
+    pub relayed: std::sync::Mutex<HashMap<String, Instant>>,
+    pub leaving: AtomicBool,
+}
+
+impl Shared {
+    fn me(&self) -> &str {
+        &self.config.local.id
+    }
+
+    /// Marks this node's state as changed in a way others should hear about now.
+    pub(crate) fn changed(&self) {
+        self.significant.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A running membership.
+pub struct Membership {
+    shared: Arc<Shared>,
+    pub wire: Arc<Wire>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     pub events: Arc<EventHub>,
-    metrics: Arc<Metrics>,
-    event_seq: std::sync::atomic::AtomicU64,
+    event_seq: AtomicU64,
     _listener: ListenerHandle,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Membership").field("local", &self.config.local.id).finish()
+        f.debug_struct("Membership").field("local", &self.shared.config.local.id).finish()
     }
 }
 
+/// The chitchat failure detector's settings for a pool gossiping every `interval`.
+fn failure_detector(gossip: &GossipSettings, interval: Duration) -> FailureDetectorConfig {
+    FailureDetectorConfig::new(
+        gossip.phi_threshold,
+        // Samples per peer: enough for a stable mean, far below the 1000 default's memory.
+        200,
+        Duration::from_secs(10).max(interval * 10),
+        interval,
+        gossip.dead_node_grace,
+    )
+}
+
 impl Membership {
-    /// Starts gossip on `wire` (already bound) and the snapshot, re-probe and RTT tasks.
+    /// Starts the region pool, SWIM and the tasks around them on `wire` (already bound).
     pub async fn start(
         config: MembershipConfig,
         wire: Arc<Wire>,
         events: Arc<EventHub>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Membership> {
-        let local = &config.local;
-        let chitchat_id = ChitchatId::new(local.id.clone(), config.generation, config.gossip_advertise);
-        let interval = config.gossip.interval;
-        let fd = FailureDetectorConfig::new(
-            config.gossip.phi_threshold,
-            // Samples per peer: enough for a stable mean, far below the 1000 default's memory.
-            200,
-            Duration::from_secs(10).max(interval * 10),
-            interval,
-            config.gossip.dead_node_grace,
-        );
+        let local = config.local.clone();
+        let mut tasks = vec![tokio::spawn(wire.clone().receive_loop())];
+
+        let anti_entropy = config.gossip.anti_entropy_interval;
         let chitchat_config = ChitchatConfig {
-            chitchat_id,
-            cluster_id: local.cluster.clone(),
-            gossip_interval: interval,
+            chitchat_id: ChitchatId::new(local.id.clone(), config.generation, config.gossip_advertise),
+            cluster_id: format!("{}/{}", local.cluster, local.region),
+            gossip_interval: anti_entropy,
             listen_addr: wire.local_addr().context("reading the gossip socket's address")?,
-            seed_nodes: config.seeds.clone(),
-            failure_detector_config: fd,
+            // Seeds may be in any region: they are asked for this region's members instead.
+            seed_nodes: Vec::new(),
+            failure_detector_config: failure_detector(&config.gossip, anti_entropy),
             marked_for_deletion_grace_period: config.event_ttl,
             catchup_callback: None,
             extra_liveness_predicate: None,
@@ -112,52 +195,95 @@ impl Membership {
         if let Some(d) = config.data_advertise {
             initial.push((KEY_DATA_ADDR.to_string(), d.to_string()));
         }
-        let handle = spawn_chitchat(chitchat_config, initial, &SealedTransport { wire: wire.clone() })
-            .await
-            .context("starting gossip")?;
+        let pool_addrs = Arc::new(std::sync::RwLock::new(HashSet::new()));
+        let admit: transport::Admit = {
+            let (pool_addrs, max) = (pool_addrs.clone(), config.gossip.max_pool_size);
+            Arc::new(move |from| {
+                let known = pool_addrs.read().unwrap_or_else(|e| e.into_inner());
+                known.len() < max || known.contains(&from)
+            })
+        };
+        let transport = SealedTransport { wire: wire.clone(), kind: FRAME_GOSSIP, admit: Some(admit) };
+        let handle = spawn_chitchat(chitchat_config, initial, &transport).await.context("starting gossip")?;
         let chitchat = handle.chitchat();
 
-        // Event keys: chitchat calls listeners under its lock, so only queue them here.
-        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, String)>();
-        let listener = chitchat.lock().await.subscribe_event(EVENT_PREFIX, move |e| {
-            let _ = ev_tx.send((e.key.to_string(), e.value.to_string(), e.node.node_id.to_string()));
-        });
-        let hub = events.clone();
-        let mut tasks = vec![tokio::spawn(async move {
-            while let Some((id, value, origin)) = ev_rx.recv().await {
-                hub.accept(&id, &value, &origin);
-            }
-        })];
-
-        let handle = Arc::new(Mutex::new(Some(handle)));
-        let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::empty(local.clone())));
-        tasks.push(tokio::spawn(snapshot_loop(
-            chitchat.clone(),
+        let swim = Swim::new(
+            SwimId {
+                addr: config.gossip_advertise,
+                id: local.id.clone(),
+                generation: config.generation,
+                bump: 0,
+            },
+            &local.region,
+            &SwimSettings {
+                probe_interval: config.gossip.probe_interval,
+                probe_timeout: config.gossip.probe_timeout,
+                indirect_probes: config.gossip.indirect_probes,
+                suspicion: config.gossip.suspicion_timeout,
+                remember_down: config.gossip.dead_node_grace,
+            },
             wire.clone(),
-            config.clone(),
             metrics.clone(),
-            snap_tx,
-        )));
-        tasks.push(tokio::spawn(reprobe_loop(
-            chitchat.clone(),
-            handle.clone(),
-            config.clone(),
-            metrics.clone(),
-            snapshots.clone(),
-        )));
+        );
+
+        let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::empty(local.clone())));
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            wire: wire.clone(),
+            metrics: metrics.clone(),
+            swim: swim.clone(),
+            region: chitchat.clone(),
+            region_handle: Mutex::new(Some(handle)),
+            wan: Mutex::new(None),
+            events: events.clone(),
+            snapshots: snap_tx,
+            known_gateways: std::sync::Mutex::new(Vec::new()),
+            pool_addrs,
+            significant: AtomicBool::new(true),
+            relayed: std::sync::Mutex::new(HashMap::new()),
+            leaving: AtomicBool::new(false),
+        });
+        tasks.push(tokio::spawn(sync_pool_addrs(shared.clone())));
+
+        // Event keys: chitchat calls listeners under its lock, so only queue them here.
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let listener = chitchat.lock().await.subscribe_event(EVENT_PREFIX, move |e| {
+            let _ = ev_tx.send((e.key.to_string(), e.value.to_string()));
+        });
+        {
+            let shared = shared.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((id, value)) = ev_rx.recv().await {
+                    shared.events.accept(&id, &value, origin_of(&id));
+                    gateway::relay_to_wan(&shared, &id, &value).await;
+                }
+            }));
+        }
+
+        let mut swim_rx = wire.listen(FRAME_SWIM);
+        {
+            let swim = swim.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some((_, body)) = swim_rx.recv().await {
+                    swim.handle(&body);
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(join_server(shared.clone(), wire.listen(FRAME_JOIN), wire.listen(FRAME_JOIN_REPLY))));
+        tasks.push(tokio::spawn(join_loop(shared.clone())));
+        tasks.push(tokio::spawn(hint_loop(shared.clone())));
+        tasks.push(tokio::spawn(snapshot_loop(shared.clone())));
+        tasks.push(tokio::spawn(gateway::gateway_loop(shared.clone())));
         tasks.push(tokio::spawn(ping_loop(wire.clone(), snapshots.clone())));
 
         Ok(Membership {
-            handle,
-            chitchat,
+            shared,
             wire,
-            config,
             snapshots,
             events,
-            metrics,
-            event_seq: std::sync::atomic::AtomicU64::new(0),
+            event_seq: AtomicU64::new(0),
             _listener: listener,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
         })
     }
 
@@ -166,9 +292,10 @@ impl Membership {
         self.snapshots.clone()
     }
 
-    /// Announces this agent's services (replacing what was announced before).
+    /// Announces this agent's services (replacing what was announced before). A change of
+    /// load alone travels with the next anti-entropy round; anything else is hinted at once.
     pub async fn set_services(&self, services: &[ServiceRecord]) {
-        let mut c = self.chitchat.lock().await;
+        let mut c = self.shared.region.lock().await;
         let state = c.self_node_state();
         let stale: Vec<String> = state
             .key_values()
@@ -176,65 +303,88 @@ impl Membership {
             .filter(|(k, _)| !services.iter().any(|s| k[SERVICE_PREFIX.len()..] == s.name))
             .map(|(k, _)| k.to_string())
             .collect();
+        let mut significant = !stale.is_empty();
         for k in stale {
             state.delete(&k);
         }
         for s in services {
+            let key = format!("{SERVICE_PREFIX}{}", s.name);
+            let before = state.get(&key).and_then(|v| serde_json::from_str::<ServiceRecord>(v).ok());
+            significant |= before.is_none_or(|b| ServiceRecord { load: s.load, ..b } != *s);
             // A ServiceRecord always serialises.
-            let value = serde_json::to_string(s).unwrap_or_default();
-            state.set(format!("{SERVICE_PREFIX}{}", s.name), value);
+            state.set(key, serde_json::to_string(s).unwrap_or_default());
+        }
+        if significant {
+            self.shared.changed();
         }
     }
 
-    /// Fires an event to every member (validated by the caller). Returns its id.
+    /// Fires an event to every member of every region (validated by the caller). Returns its id.
     pub async fn fire_event(&self, name: &str, payload: &str) -> String {
-        let seq = self.event_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{}.{}.{}", self.config.local.id, self.config.generation, seq);
+        let seq = self.event_seq.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}.{}.{}", self.shared.config.local.id, self.shared.config.generation, seq);
         let body = EventBody { name: name.to_string(), payload: payload.to_string(), at: unix_ms() };
         let value = serde_json::to_string(&body).unwrap_or_default();
-        self.chitchat.lock().await.self_node_state().set_with_ttl(format!("{EVENT_PREFIX}{id}"), value);
-        self.metrics.event("fired");
+        let key = format!("{EVENT_PREFIX}{id}");
+        self.shared.region.lock().await.self_node_state().set_with_ttl(key, value.clone());
+        self.shared.changed();
+        self.shared.metrics.event("fired");
+        gateway::relay_to_wan(&self.shared, &id, &value).await;
         id
     }
 
     /// Announces that this agent takes no new work.
     pub async fn set_draining(&self) {
-        self.chitchat.lock().await.self_node_state().set(KEY_STATUS, "draining");
+        self.shared.region.lock().await.self_node_state().set(KEY_STATUS, "draining");
+        self.shared.changed();
     }
 
-    /// Announces `left`, pushes that to a few peers at once, keeps gossiping for two rounds so
-    /// it spreads, then stops gossip.
+    /// Announces `left`: hinted and pushed to a few region members at once, carried to the
+    /// other regions by a gateway, then SWIM says goodbye and gossip stops.
     pub async fn leave(&self) {
-        self.chitchat.lock().await.self_node_state().set(KEY_STATUS, "left");
+        let shared = &self.shared;
+        shared.leaving.store(true, Ordering::Relaxed);
+        shared.region.lock().await.self_node_state().set(KEY_STATUS, "left");
+        shared.changed();
+        send_hint(shared).await;
         let peers: Vec<SocketAddr> = {
-            let c = self.chitchat.lock().await;
-            let me = c.self_chitchat_id().clone();
-            c.live_nodes().filter(|id| **id != me).map(|id| id.gossip_advertise_addr).take(8).collect()
+            let view = shared.swim.view();
+            view.values().filter(|(_, s)| *s != SwimState::Down).map(|(id, _)| id.addr).take(8).collect()
         };
-        let interval = self.config.gossip.interval;
-        if let Some(h) = self.handle.lock().await.as_ref() {
-            for round in 0..2 {
-                for p in &peers {
-                    let _ = h.gossip(*p);
-                }
-                if round == 0 {
-                    tokio::time::sleep(interval.min(Duration::from_millis(500))).await;
-                }
+        if let Some(h) = shared.region_handle.lock().await.as_ref() {
+            for p in &peers {
+                let _ = h.gossip(*p);
             }
         }
-        tokio::time::sleep(interval.min(Duration::from_secs(1))).await;
+        // Give the hint a few probe rounds, and the gateways (this one, if it is one) a tick.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        if let Some(h) = shared.region_handle.lock().await.as_ref() {
+            for p in &peers {
+                let _ = h.gossip(*p);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        shared.swim.leave();
         self.shutdown().await;
     }
 
-    /// Stops gossip without announcing anything (the others will see this node die).
+    /// Stops everything without announcing anything (the others will see this node die).
     pub async fn shutdown(&self) {
-        if let Some(h) = self.handle.lock().await.take() {
+        self.shared.swim.stop();
+        if let Some(h) = self.shared.region_handle.lock().await.take() {
             let _ = h.shutdown().await;
         }
-        for t in &self.tasks {
+        gateway::stop_wan(&self.shared).await;
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();
         }
     }
+}
+
+/// The node an event id was fired on (`node.generation.seq`).
+fn origin_of(id: &str) -> &str {
+    let id = id.strip_prefix(EVENT_PREFIX).unwrap_or(id);
+    id.rsplitn(3, '.').last().unwrap_or(id)
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -242,7 +392,7 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Turns one chitchat node state into a record; `None` until its basic keys have arrived.
+/// Turns one region node state into a record; `None` until its basic keys have arrived.
 fn record(id: &ChitchatId, state: &NodeState, liveness: Liveness) -> Option<MemberRecord> {
     let region = state.get(KEY_REGION)?.to_string();
     let zone = state.get(KEY_ZONE).unwrap_or_default().to_string();
@@ -271,167 +421,399 @@ fn record(id: &ChitchatId, state: &NodeState, liveness: Liveness) -> Option<Memb
     })
 }
 
-/// Rebuilds the snapshot whenever membership or state changes (checked twice per gossip
-/// interval), and at least every 5 s so measured RTTs show.
-async fn snapshot_loop(
-    chitchat: Arc<Mutex<Chitchat>>,
-    wire: Arc<Wire>,
-    config: MembershipConfig,
-    metrics: Arc<Metrics>,
-    tx: watch::Sender<Arc<Snapshot>>,
-) {
-    let interval = config.gossip.interval;
-    let suspect_after = (interval * 4).max(Duration::from_secs(2));
-    // Per node: last heartbeat, when it last changed, and whether we have seen it change.
-    let mut heartbeats: HashMap<ChitchatId, (u64, Instant, bool)> = HashMap::new();
-    // Nodes chitchat has called live at least once: from then on its verdict alone counts.
-    let mut ever_live: std::collections::HashSet<ChitchatId> = std::collections::HashSet::new();
+/// Turns another region's member, as its gateway summarised it, into a record.
+fn remote_record(view: MemberView, reachable: bool) -> MemberRecord {
+    let (liveness, lifecycle) = match view.state {
+        MemberState::Left => (Liveness::Dead, Lifecycle::Left),
+        _ if !reachable => (Liveness::Unreachable, Lifecycle::Active),
+        MemberState::Alive => (Liveness::Alive, Lifecycle::Active),
+        MemberState::Suspect => (Liveness::Suspect, Lifecycle::Active),
+        MemberState::Dead | MemberState::Unreachable => (Liveness::Dead, Lifecycle::Active),
+    };
+    let lifecycle = if view.draining && lifecycle == Lifecycle::Active { Lifecycle::Draining } else { lifecycle };
+    MemberRecord {
+        id: view.id,
+        generation: view.generation,
+        region: view.region,
+        zone: view.zone,
+        gossip_addr: view.gossip_addr,
+        data_addr: view.data_addr,
+        version: view.version,
+        liveness,
+        lifecycle,
+        services: view
+            .services
+            .into_iter()
+            .map(|i| ServiceRecord {
+                name: i.name,
+                port: i.port,
+                weight: i.weight,
+                healthy: i.healthy,
+                load: i.load,
+                pinned: i.pinned,
+                draining: i.draining,
+            })
+            .collect(),
+    }
+}
+
+/// The region's gateways: the first `n` members by id that SWIM calls alive (or suspect) and
+/// that are not draining or leaving. Every member computes the same list from the same view.
+fn elect_gateways(records: &[MemberRecord], n: usize) -> Vec<String> {
+    let mut candidates: Vec<&str> = records
+        .iter()
+        .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect) && r.lifecycle == Lifecycle::Active)
+        .map(|r| r.id.as_str())
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    candidates.into_iter().take(n).map(str::to_string).collect()
+}
+
+/// Keeps the region pool's address set (read by the pool-size guard) current.
+async fn sync_pool_addrs(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let addrs: HashSet<SocketAddr> =
+            shared.region.lock().await.node_states().keys().map(|id| id.gossip_advertise_addr).collect();
+        let n = addrs.len();
+        shared.metrics.pool_size.get_or_create(&KindLabel { kind: "region" }).set(n as i64);
+        if n >= shared.config.gossip.max_pool_size && !warned {
+            tracing::warn!(
+                members = n,
+                limit = shared.config.gossip.max_pool_size,
+                "the region pool is at its size limit (max_pool_size); new members are refused. Split the region"
+            );
+        }
+        warned = n >= shared.config.gossip.max_pool_size;
+        *shared.pool_addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+    }
+}
+
+/// Rebuilds the snapshot from the region pool, SWIM's verdicts and the gateway's copy of the
+/// other regions, whenever any of them changes (checked every 100 ms), and at least every 5 s
+/// so measured RTTs show.
+async fn snapshot_loop(shared: Arc<Shared>) {
+    let config = &shared.config;
+    let me = config.local.id.clone();
     let mut last_fingerprint = Vec::new();
     let mut last_build = Instant::now();
     let mut epoch = 0u64;
-    let mut tick = tokio::time::interval(interval / 2);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let (records, fingerprint) = {
-            let c = chitchat.lock().await;
-            let me = c.self_chitchat_id().clone();
-            let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+        let view = shared.swim.view();
+        let suspects = view.values().filter(|(_, s)| *s == SwimState::Suspect).count();
+        shared.metrics.suspects.set(suspects as i64);
+        let (mut records, mut fingerprint, remote) = {
+            let c = shared.region.lock().await;
             let mut records = Vec::new();
-            let mut fingerprint = Vec::new();
+            let mut fingerprint: Vec<(String, u64, u64, u8)> = Vec::new();
             for (id, state) in c.node_states() {
-                let hb = u64::from(state.heartbeat());
-                let entry = heartbeats.entry(id.clone()).or_insert((hb, now, false));
-                if entry.0 != hb {
-                    *entry = (hb, now, true);
-                }
-                if live.contains(id) {
-                    ever_live.insert(id.clone());
-                }
-                let stale = now.duration_since(entry.1) > suspect_after;
-                let liveness = if *id == me {
-                    Liveness::Alive
-                } else if live.contains(id) {
-                    if stale { Liveness::Suspect } else { Liveness::Alive }
-                } else if entry.2 && !stale && !ever_live.contains(id) {
-                    // chitchat's failure detector needs a few heartbeat intervals before it
-                    // calls a newcomer alive; a heartbeat seen advancing just now is proof enough.
+                let liveness = if *id.node_id == *me {
+                    if id.generation_id != config.generation {
+                        continue;
+                    }
                     Liveness::Alive
                 } else {
-                    Liveness::Dead
+                    match view.get(&*id.node_id) {
+                        Some((sid, s)) if sid.generation == id.generation_id => match s {
+                            SwimState::Alive => Liveness::Alive,
+                            SwimState::Suspect => Liveness::Suspect,
+                            SwimState::Down => Liveness::Dead,
+                        },
+                        // A newer incarnation of the node replaced this one.
+                        Some((sid, _)) if sid.generation > id.generation_id => Liveness::Dead,
+                        // SWIM has not met it yet (or forgot it): shown only once SWIM vouches.
+                        _ if state.get(KEY_STATUS) == Some("left") => Liveness::Dead,
+                        _ => continue,
+                    }
                 };
+                if state.get(KEY_REGION) != Some(config.local.region.as_str()) {
+                    continue;
+                }
                 if let Some(r) = record(id, state, liveness) {
-                    fingerprint.push((id.clone(), state.max_version(), liveness as u8));
+                    fingerprint.push((r.id.clone(), r.generation, state.max_version(), liveness as u8));
                     records.push(r);
                 }
             }
-            heartbeats.retain(|id, _| c.node_states().contains_key(id));
-            ever_live.retain(|id| c.node_states().contains_key(id));
-            (records, fingerprint)
+            let gateways = elect_gateways(&records, config.gossip.gateways_per_region);
+            // The other regions, as copied in by one of our gateways: the first elected one that
+            // has done so, else any live member that has.
+            let alive: HashSet<&str> = records
+                .iter()
+                .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect))
+                .map(|r| r.id.as_str())
+                .collect();
+            let mut sources: Vec<(&ChitchatId, &NodeState)> = c
+                .node_states()
+                .iter()
+                .filter(|(id, s)| alive.contains(&*id.node_id) && s.contains_key(KEY_REACH))
+                .collect();
+            sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
+            let remote = sources.first().map(|(id, s)| {
+                fingerprint.push((format!("~{}", id.node_id), id.generation_id, s.max_version(), 0));
+                let reach: BTreeMap<String, RegionInfo> =
+                    s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+                let members: Vec<MemberView> = s
+                    .iter_prefix(REMOTE_PREFIX)
+                    .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
+                    .collect();
+                (reach, members)
+            });
+            fingerprint.push((gateways.join(","), 0, 0, 0));
+            (records, fingerprint, (gateways, remote))
         };
+        let (gateways, remote) = remote;
+        let mut region_info: BTreeMap<String, RegionInfo> = BTreeMap::new();
+        region_info.insert(config.local.region.clone(), RegionInfo { gateways: gateways.clone(), reachable: true });
+        if let Some((reach, members)) = remote {
+            for m in members {
+                if m.region == config.local.region {
+                    continue;
+                }
+                let reachable = reach.get(&m.region).is_some_and(|r| r.reachable);
+                records.push(remote_record(m, reachable));
+            }
+            for (region, info) in reach {
+                if region != config.local.region {
+                    region_info.insert(region, info);
+                }
+            }
+        }
+        fingerprint.sort();
         if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
             continue;
         }
         last_fingerprint = fingerprint;
         last_build = now;
         epoch += 1;
-        let rtts = wire.rtt.all();
-        let snap = Snapshot::build(config.local.clone(), records, &|a| rtts.get(a).copied(), epoch);
+        let rtts = shared.wire.rtt.all();
+        let mut snap = Snapshot::build(config.local.clone(), records, &|a| rtts.get(a).copied(), epoch);
+        snap.region_info = region_info;
         for (state, n) in snap.counts() {
-            metrics.members.get_or_create(&StateLabel { state: state.as_str().into() }).set(n as i64);
+            shared.metrics.members.get_or_create(&StateLabel { state: state.as_str().into() }).set(n as i64);
         }
-        metrics.snapshots.inc();
+        shared.metrics.snapshots.inc();
         {
-            let old = tx.borrow();
-            let before: HashMap<&str, crate::cluster::snapshot::MemberState> =
-                old.members.iter().map(|m| (m.id.as_str(), m.state)).collect();
-            for m in snap.members.iter().filter(|m| m.id != config.local.id) {
+            let old = shared.snapshots.borrow();
+            let before: HashMap<&str, MemberState> = old.members.iter().map(|m| (m.id.as_str(), m.state)).collect();
+            for m in snap.members.iter().filter(|m| m.id != me) {
                 if before.get(m.id.as_str()) != Some(&m.state) {
                     tracing::info!(member = %m.id, region = %m.region, state = m.state.as_str(), "member state changed");
                 }
             }
-        }
-        tx.send_replace(Arc::new(snap));
-    }
-}
-
-/// Re-probes seeds and recently dead members so that a lone node keeps knocking (with
-/// backoff) and two halves of a healed partition find each other with nobody acting.
-async fn reprobe_loop(
-    chitchat: Arc<Mutex<Chitchat>>,
-    handle: Arc<Mutex<Option<ChitchatHandle>>>,
-    config: MembershipConfig,
-    metrics: Arc<Metrics>,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-) {
-    let mut alone_backoff = Duration::from_secs(1);
-    loop {
-        let alone = {
-            let c = chitchat.lock().await;
-            let me = c.self_chitchat_id().clone();
-            c.live_nodes().all(|id| *id == me)
-        };
-        let wait = if alone {
-            let w = alone_backoff;
-            alone_backoff = (alone_backoff * 2)
-                .min(Duration::from_secs(30))
-                .min(config.gossip.reprobe_interval.max(Duration::from_secs(1)) * 6);
-            w
-        } else {
-            alone_backoff = Duration::from_secs(1);
-            config.gossip.reprobe_interval
-        };
-        tokio::time::sleep(wait).await;
-        let mut targets: Vec<SocketAddr> = Vec::new();
-        for seed in &config.seeds {
-            if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
-                targets.extend(addrs.filter(|a| *a != config.gossip_advertise));
+            let old_gw = old.region_info.get(&config.local.region).map(|r| &r.gateways);
+            if old_gw.is_some_and(|g| *g != gateways) {
+                shared.metrics.gateway_changes.get_or_create(&KindLabel { kind: "changed" }).inc();
+                tracing::info!(gateways = %gateways.join(","), "region gateways changed");
             }
         }
-        let snap = snapshots.borrow().clone();
-        targets.extend(
-            snap.members
-                .iter()
-                .filter(|m| m.state == crate::cluster::snapshot::MemberState::Dead && m.id != config.local.id)
-                .map(|m| m.gossip_addr)
-                .take(8),
-        );
-        targets.sort();
-        targets.dedup();
-        if targets.is_empty() {
+        shared.snapshots.send_replace(Arc::new(snap));
+    }
+}
+
+/// Sends a version hint for this node's current state.
+async fn send_hint(shared: &Shared) {
+    let version = shared.region.lock().await.self_node_state().max_version();
+    shared.swim.hint(&Hint {
+        node: shared.me().to_string(),
+        generation: shared.config.generation,
+        version,
+        addr: shared.config.gossip_advertise,
+    });
+    shared.metrics.hints.get_or_create(&KindLabel { kind: "sent" }).inc();
+}
+
+/// Sends hints for this node's changes, and pulls from nodes hinted to be ahead of us (a few
+/// tries, for loss), every 100 ms.
+async fn hint_loop(shared: Arc<Shared>) {
+    const TRIES: u32 = 5;
+    const SPACING: Duration = Duration::from_millis(300);
+    // Per node: the hint, tries left and when to try next.
+    let mut pending: HashMap<String, (Hint, u32, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shared.significant.swap(false, Ordering::Relaxed) {
+            send_hint(&shared).await;
+        }
+        let now = Instant::now();
+        for h in shared.swim.take_hints() {
+            shared.metrics.hints.get_or_create(&KindLabel { kind: "received" }).inc();
+            if h.node != shared.me() {
+                pending.insert(h.node.clone(), (h, TRIES, now));
+            }
+        }
+        if pending.is_empty() {
             continue;
         }
-        // chitchat's gossip(addr) starts a round towards one address now.
-        let h = handle.lock().await;
-        let Some(h) = h.as_ref() else { return };
-        for t in targets {
-            metrics.reprobes.inc();
-            let _ = h.gossip(t);
+        let mut pulls = Vec::new();
+        {
+            let c = shared.region.lock().await;
+            pending.retain(|_, (hint, tries, next)| {
+                let have = c
+                    .node_states()
+                    .iter()
+                    .find(|(id, _)| *id.node_id == *hint.node && id.generation_id == hint.generation)
+                    .map(|(_, s)| s.max_version());
+                if have.is_some_and(|v| v >= hint.version) || *tries == 0 {
+                    return false;
+                }
+                if *next <= now {
+                    *tries -= 1;
+                    *next = now + SPACING;
+                    pulls.push(hint.addr);
+                }
+                true
+            });
+        }
+        if pulls.is_empty() {
+            continue;
+        }
+        if let Some(h) = shared.region_handle.lock().await.as_ref() {
+            for addr in pulls {
+                shared.metrics.hints.get_or_create(&KindLabel { kind: "pull" }).inc();
+                let _ = h.gossip(addr);
+            }
         }
     }
 }
 
-/// Measures RTTs with sealed pings. Routing needs the nearest member of each region, so each
-/// round (every 2 s) pings at most two members per region, rotating through them; per-member
-/// RTTs in `agent status` refresh more slowly in large regions.
+/// Answers join requests from the latest snapshot, and acts on replies: SWIM announces itself
+/// and the region pool gossips to the members named; gateways are kept to seed the WAN pool.
+async fn join_server(
+    shared: Arc<Shared>,
+    mut requests: tokio::sync::mpsc::Receiver<transport::Inbound>,
+    mut replies: tokio::sync::mpsc::Receiver<transport::Inbound>,
+) {
+    loop {
+        tokio::select! {
+            Some((from, body)) = requests.recv() => {
+                let Ok(req) = serde_json::from_slice::<JoinRequest>(&body) else {
+                    shared.wire.drop_datagram("undecodable", from);
+                    continue;
+                };
+                let snap = shared.snapshots.borrow().clone();
+                let mut reply = JoinReply::default();
+                let mut members: Vec<&MemberView> =
+                    snap.members.iter().filter(|m| m.region == req.region && m.state.is_up()).collect();
+                if req.region == snap.local.region {
+                    // Ourselves first: we are certainly up.
+                    reply.members.push(shared.config.gossip_advertise);
+                    members.retain(|m| m.id != snap.local.id);
+                }
+                reply.members.extend(members.iter().map(|m| m.gossip_addr).filter(|a| *a != from));
+                reply.members.truncate(JOIN_REPLY_MAX);
+                for info in snap.region_info.values() {
+                    for g in &info.gateways {
+                        if let Some(m) = snap.members.iter().find(|m| &m.id == g) {
+                            reply.gateways.push(m.gossip_addr);
+                        }
+                    }
+                }
+                reply.gateways.truncate(JOIN_REPLY_MAX);
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                shared.wire.send_frame(from, FRAME_JOIN_REPLY, &body).await;
+            }
+            Some((from, body)) = replies.recv() => {
+                let Ok(reply) = serde_json::from_slice::<JoinReply>(&body) else {
+                    shared.wire.drop_datagram("undecodable", from);
+                    continue;
+                };
+                let me = shared.config.gossip_advertise;
+                for addr in reply.members.iter().filter(|a| **a != me) {
+                    shared.swim.announce(*addr);
+                }
+                if let Some(h) = shared.region_handle.lock().await.as_ref() {
+                    for addr in reply.members.iter().filter(|a| **a != me).take(3) {
+                        let _ = h.gossip(*addr);
+                    }
+                }
+                let mut known = shared.known_gateways.lock().unwrap_or_else(|e| e.into_inner());
+                for g in reply.gateways.into_iter().filter(|a| *a != me) {
+                    if !known.contains(&g) {
+                        known.push(g);
+                    }
+                }
+                let excess = known.len().saturating_sub(64);
+                known.drain(..excess);
+            }
+            else => return,
+        }
+    }
+}
+
+/// Asks the seeds for this region's members until SWIM knows someone, with backoff, and
+/// keeps asking every `reprobe_interval` while this agent is alone in its region (a healed
+/// cut, or a region's last member restarting). Seeds in other regions answer too.
+async fn join_loop(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let alone = shared.swim.active_count() == 0;
+        let no_wan = shared.snapshots.borrow().region_info.len() <= 1;
+        if alone || no_wan {
+            let mut targets: Vec<SocketAddr> = Vec::new();
+            for seed in &shared.config.seeds {
+                if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
+                    targets.extend(addrs.filter(|a| *a != shared.config.gossip_advertise));
+                }
+            }
+            targets.sort();
+            targets.dedup();
+            let body = serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
+            for t in targets {
+                shared.metrics.reprobes.inc();
+                shared.wire.send_frame(t, FRAME_JOIN, &body).await;
+            }
+        }
+        let wait = if alone {
+            let w = backoff;
+            backoff = (backoff * 2).min(shared.config.gossip.reprobe_interval.max(Duration::from_millis(200)));
+            w
+        } else {
+            backoff = Duration::from_millis(200);
+            shared.config.gossip.reprobe_interval
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Measures RTTs to other regions with sealed pings, for routing's region order: one member
+/// of each other region every 10 s, rotating through them (inside the region, SWIM's probes
+/// already show who answers).
 async fn ping_loop(wire: Arc<Wire>, snapshots: watch::Receiver<Arc<Snapshot>>) {
-    const PER_REGION: usize = 2;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first round soon after start, once a few members are known.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut round = 0usize;
     loop {
         tick.tick().await;
         let snap = snapshots.borrow().clone();
-        let mut by_region: std::collections::BTreeMap<&str, Vec<SocketAddr>> = std::collections::BTreeMap::new();
-        for m in snap.members.iter().filter(|m| m.state.is_up() && m.id != snap.local.id) {
+        let mut by_region: BTreeMap<&str, Vec<SocketAddr>> = BTreeMap::new();
+        for m in snap.members.iter().filter(|m| m.state.is_up() && m.region != snap.local.region) {
             by_region.entry(m.region.as_str()).or_default().push(m.gossip_addr);
         }
         for peers in by_region.values() {
-            for i in 0..peers.len().min(PER_REGION) {
-                wire.ping(peers[(round * PER_REGION + i) % peers.len()]).await;
-            }
+            wire.ping(peers[round % peers.len()]).await;
         }
         round = round.wrapping_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_origin_is_the_id_prefix() {
+        assert_eq!(origin_of("ev:web-1.17.3"), "web-1");
+        assert_eq!(origin_of("a.b.c.1.2"), "a.b.c");
     }
 }

@@ -1,9 +1,11 @@
 //! The sealed UDP transport under chitchat, shared with the RTT pinger.
 //!
-//! Every datagram is `seal(frame)`, where a frame is one type byte and a body: chitchat's own
-//! message encoding (type 0), or a ping or pong carrying a 64-bit id (types 1 and 2). A datagram
-//! that does not open, or opens to an unknown type or a body chitchat cannot decode, is dropped
-//! and counted by reason, never returned to chitchat, and logged at most once per interval.
+//! Every datagram is `seal(frame)`, where a frame is one type byte and a body: the region pool's
+//! chitchat messages (type 0), a ping or pong carrying a 64-bit id (types 1 and 2), SWIM (3), the
+//! gateways' WAN pool chitchat (4), and a join request and its reply (5 and 6). One receive task
+//! opens every datagram and hands its body to whoever listens for its type. A datagram that does
+//! not open, or opens to an unknown type, a type nobody listens for, or a body its listener
+//! cannot decode, is dropped and counted by reason, and logged at most once per interval.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,9 +21,23 @@ use tokio::time::Instant;
 use super::keyring::{Keyring, OVERHEAD};
 use crate::metrics::Metrics;
 
-const FRAME_GOSSIP: u8 = 0;
+/// The region pool's chitchat.
+pub const FRAME_GOSSIP: u8 = 0;
 const FRAME_PING: u8 = 1;
 const FRAME_PONG: u8 = 2;
+/// SWIM liveness inside the region.
+pub const FRAME_SWIM: u8 = 3;
+/// The gateways' WAN pool chitchat.
+pub const FRAME_WAN: u8 = 4;
+/// "Which members of region R do you know?" and its answer.
+pub const FRAME_JOIN: u8 = 5;
+pub const FRAME_JOIN_REPLY: u8 = 6;
+const FRAME_KINDS: usize = 7;
+/// Datagrams queued per listener before new ones are dropped.
+const QUEUE: usize = 4096;
+
+/// A received frame body and who sent it.
+pub type Inbound = (SocketAddr, Vec<u8>);
 
 /// The largest UDP payload over IPv4; chitchat sizes its messages to this.
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -141,9 +157,10 @@ pub struct Wire {
     socket: Box<dyn DatagramSocket>,
     keyring: RwLock<Keyring>,
     cluster: Vec<u8>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     pub rtt: RttTable,
     bad_datagram_log: RateLimitedLog,
+    listeners: Mutex<[Option<tokio::sync::mpsc::Sender<Inbound>>; FRAME_KINDS]>,
 }
 
 impl Wire {
@@ -155,7 +172,20 @@ impl Wire {
             metrics,
             rtt: RttTable::default(),
             bad_datagram_log: RateLimitedLog::new(Duration::from_secs(10)),
+            listeners: Mutex::new(Default::default()),
         })
+    }
+
+    /// Receives every frame of type `kind` from now on (replacing an earlier listener).
+    pub fn listen(&self, kind: u8) -> tokio::sync::mpsc::Receiver<Inbound> {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())[usize::from(kind)] = Some(tx);
+        rx
+    }
+
+    /// Frames of type `kind` are dropped from now on.
+    pub fn unlisten(&self, kind: u8) {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())[usize::from(kind)] = None;
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -171,8 +201,21 @@ impl Wire {
         sealed
     }
 
+    /// Sends a sealed frame without waiting (for callers that cannot await); a full socket
+    /// buffer counts as a send error.
+    pub fn try_send_frame(&self, to: SocketAddr, kind: u8, body: &[u8]) {
+        let sealed = self.seal(kind, body);
+        match self.socket.try_send_to(&sealed, to) {
+            Ok(n) => self.metrics.count_datagram("out", n),
+            Err(e) => {
+                self.metrics.dropped("send_error");
+                tracing::debug!(%to, error = %e, "gossip send failed");
+            }
+        }
+    }
+
     /// Sends a sealed frame; errors and oversized frames are counted, never returned.
-    async fn send_frame(&self, to: SocketAddr, kind: u8, body: &[u8]) {
+    pub async fn send_frame(&self, to: SocketAddr, kind: u8, body: &[u8]) {
         let sealed = self.seal(kind, body);
         if sealed.len() > MAX_DATAGRAM {
             self.metrics.dropped("oversized_outgoing");
@@ -194,21 +237,25 @@ impl Wire {
         self.send_frame(to, FRAME_PING, &id.to_le_bytes()).await;
     }
 
-    fn drop_datagram(&self, reason: &'static str, from: SocketAddr) {
+    pub(crate) fn drop_datagram(&self, reason: &'static str, from: SocketAddr) {
         self.metrics.dropped(reason);
         if let Some(n) = self.bad_datagram_log.tick() {
             tracing::warn!(%from, reason, count = n, "dropped gossip datagrams that failed to open or parse");
         }
     }
 
-    /// Receives until a gossip message arrives, answering pings and recording pongs on the way.
-    /// Cancel-safe: the only await is the socket read; replies use `try_send_to`.
-    async fn recv_gossip(&self, buf: &mut [u8]) -> std::io::Result<(SocketAddr, ChitchatMessage)> {
+    /// Reads the socket until it fails for good: opens each datagram, answers pings, records
+    /// pongs and hands every other frame to its listener. Runs as one task per agent.
+    pub async fn receive_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; RECV_BUFFER];
         loop {
-            let (len, from) = match self.socket.recv_from(buf).await {
+            let (len, from) = match self.socket.recv_from(&mut buf).await {
                 Ok(r) => r,
                 Err(e) if is_transient(&e) => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "gossip socket failed; membership stops receiving");
+                    return;
+                }
             };
             self.metrics.count_datagram("in", len);
             if len > MAX_DATAGRAM {
@@ -227,13 +274,6 @@ impl Wire {
                 continue;
             };
             match kind {
-                FRAME_GOSSIP => {
-                    let mut cursor = body;
-                    match ChitchatMessage::deserialize(&mut cursor) {
-                        Ok(msg) => return Ok((from, msg)),
-                        Err(_) => self.drop_datagram("undecodable", from),
-                    }
-                }
                 FRAME_PING | FRAME_PONG if body.len() == 8 => {
                     let id = u64::from_le_bytes(body.try_into().unwrap_or_default());
                     if kind == FRAME_PING {
@@ -243,6 +283,17 @@ impl Wire {
                         }
                     } else {
                         self.rtt.finish(from, id);
+                    }
+                }
+                k if usize::from(k) < FRAME_KINDS && k != FRAME_PING && k != FRAME_PONG => {
+                    let listener = self.listeners.lock().unwrap_or_else(|e| e.into_inner())[usize::from(k)].clone();
+                    match listener {
+                        Some(tx) => {
+                            if tx.try_send((from, body.to_vec())).is_err() {
+                                self.drop_datagram("queue_full", from);
+                            }
+                        }
+                        None => self.metrics.dropped("no_listener"),
                     }
                 }
                 _ => self.drop_datagram("unknown_frame", from),
@@ -256,10 +307,22 @@ fn is_transient(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionReset | ConnectionRefused | OutOfMemory | Interrupted | WouldBlock)
 }
 
-/// chitchat's `Transport`, over the shared [`Wire`].
-#[derive(Debug)]
+/// Decides whether a chitchat message from an address may reach chitchat (a pool at its size
+/// limit refuses strangers).
+pub type Admit = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
+/// chitchat's `Transport`, over the shared [`Wire`], for the frames of one type (the region
+/// pool or the WAN pool).
 pub struct SealedTransport {
     pub wire: Arc<Wire>,
+    pub kind: u8,
+    pub admit: Option<Admit>,
+}
+
+impl std::fmt::Debug for SealedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedTransport").field("kind", &self.kind).finish_non_exhaustive()
+    }
 }
 
 #[async_trait]
@@ -267,13 +330,20 @@ impl Transport for SealedTransport {
     async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         // The socket was bound before chitchat started, so that port 0 works and the
         // advertised address is known.
-        Ok(Box::new(SealedSocket { wire: self.wire.clone(), buf: vec![0; RECV_BUFFER].into_boxed_slice() }))
+        Ok(Box::new(SealedSocket {
+            wire: self.wire.clone(),
+            kind: self.kind,
+            rx: self.wire.listen(self.kind),
+            admit: self.admit.clone(),
+        }))
     }
 }
 
 struct SealedSocket {
     wire: Arc<Wire>,
-    buf: Box<[u8]>,
+    kind: u8,
+    rx: tokio::sync::mpsc::Receiver<Inbound>,
+    admit: Option<Admit>,
 }
 
 #[async_trait]
@@ -281,12 +351,28 @@ impl Socket for SealedSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
         let mut body = Vec::with_capacity(msg.serialized_len());
         msg.serialize(&mut body);
-        self.wire.send_frame(to, FRAME_GOSSIP, &body).await;
+        self.wire.send_frame(to, self.kind, &body).await;
         Ok(())
     }
 
+    /// Cancel-safe: the only await is the channel's.
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
-        Ok(self.wire.recv_gossip(&mut self.buf).await?)
+        loop {
+            let Some((from, body)) = self.rx.recv().await else {
+                anyhow::bail!("the gossip receive loop stopped");
+            };
+            let mut cursor = body.as_slice();
+            match ChitchatMessage::deserialize(&mut cursor) {
+                Ok(msg) => {
+                    if self.admit.as_ref().is_some_and(|admit| !admit(from)) {
+                        self.wire.metrics.pool_refused.inc();
+                        continue;
+                    }
+                    return Ok((from, msg));
+                }
+                Err(_) => self.wire.drop_datagram("undecodable", from),
+            }
+        }
     }
 }
 
@@ -300,36 +386,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn gossip_crosses_and_garbage_is_counted() {
+    async fn frames_reach_their_listener_and_garbage_is_counted() {
         let key = Keyring::generate();
         let (a, b) = (wire(&key, "prod").await, wire(&key, "prod").await);
+        tokio::spawn(a.clone().receive_loop());
+        tokio::spawn(b.clone().receive_loop());
+        let mut gossip = b.listen(FRAME_GOSSIP);
         let b_addr = b.local_addr().unwrap();
         let msg = ChitchatMessage::BadCluster;
         let mut body = Vec::new();
         msg.serialize(&mut body);
-        a.send_frame(b_addr, FRAME_GOSSIP, &body).await;
-        // Garbage, a foreign cluster, and a ping arrive before the next gossip message.
+        // Garbage, a foreign cluster, a frame nobody listens for and a ping arrive first.
         let raw = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         raw.send_to(b"short", b_addr).unwrap();
         raw.send_to(&[7u8; 100], b_addr).unwrap();
         let stranger = wire(&key, "staging").await;
         stranger.send_frame(b_addr, FRAME_GOSSIP, &body).await;
+        a.send_frame(b_addr, FRAME_WAN, &body).await;
         a.ping(b_addr).await;
         a.send_frame(b_addr, FRAME_GOSSIP, &body).await;
-        let mut buf = vec![0; RECV_BUFFER];
-        let (from, got) = b.recv_gossip(&mut buf).await.unwrap();
-        assert_eq!(got, ChitchatMessage::BadCluster);
+        let (from, got) = tokio::time::timeout(Duration::from_secs(5), gossip.recv()).await.unwrap().unwrap();
+        assert_eq!(got, body);
         assert_eq!(from, a.local_addr().unwrap());
-        let (_, got) = b.recv_gossip(&mut buf).await.unwrap();
-        assert_eq!(got, ChitchatMessage::BadCluster);
         let text = b.metrics.render();
         assert!(text.contains("reason=\"too_short\"} 1"), "{text}");
         assert!(text.contains("reason=\"unknown_version\"} 1"), "{text}");
         assert!(text.contains("reason=\"unauthenticated\"} 1"), "{text}");
-        // a's receive loop answers nothing here, but the pong reached a's socket: read it.
-        let mut abuf = vec![0; RECV_BUFFER];
-        let recv = tokio::time::timeout(Duration::from_millis(300), a.recv_gossip(&mut abuf)).await;
-        assert!(recv.is_err(), "a pong is not a gossip message");
-        assert!(a.rtt.get(&b_addr).is_some(), "the pong recorded an RTT");
+        assert!(text.contains("reason=\"no_listener\"} 1"), "{text}");
+        for _ in 0..50 {
+            if a.rtt.get(&b_addr).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the pong recorded no RTT");
     }
 }

@@ -1,0 +1,329 @@
+//! Gateways and the WAN pool.
+//!
+//! Every member computes its region's gateways the same way (the first `gateways_per_region`
+//! healthy members by id, from SWIM's view) and a member that finds itself among them starts a
+//! second chitchat instance, the WAN pool, with the other regions' gateways (frame type
+//! [`FRAME_WAN`]). In it a gateway publishes one key per member of its region (`m:<node>`, the
+//! member as this region sees it, load rounded to a power of two so that busy members do not
+//! churn the summary), and from it copies every other region's members into its own region
+//! state (`x:<node>`) together with `reach`: each region's gateways and whether any of them was
+//! heard lately. A region none of whose gateways has been heard for a few WAN rounds is
+//! unreachable: its members show as `unreachable`, and routing leaves them alone. Events cross
+//! between regions the same way, relayed once per gateway.
+//!
+//! A gateway that stops being elected (a member with a smaller id joined, or it is leaving)
+//! stops its WAN pool and removes what it copied; the WAN pool restarts with a fresh
+//! generation when it is elected again, so its new state is never mistaken for stale.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chitchat::{ChitchatConfig, ChitchatId, spawn_chitchat};
+use tokio::time::Instant;
+
+use super::transport::{FRAME_WAN, SealedTransport};
+use super::{EVENT_PREFIX, KEY_REACH, KEY_REGION, Pool, REMOTE_PREFIX, Shared, failure_detector, origin_of, unix_ms};
+use crate::cluster::snapshot::{MemberState, MemberView, RegionInfo};
+use crate::metrics::KindLabel;
+
+/// On a gateway's WAN state: one member of its region.
+const SUMMARY_PREFIX: &str = "m:";
+
+/// Runs the gateway duties whenever this agent is elected, every 250 ms.
+pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
+    let mut heard: HashMap<ChitchatId, (u64, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshots.borrow().clone();
+        let region = &shared.config.local.region;
+        let elected = !shared.leaving.load(Ordering::Relaxed)
+            && snap.region_info.get(region).is_some_and(|r| r.gateways.iter().any(|g| g == shared.me()));
+        let running = shared.wan.lock().await.is_some();
+        if elected && !running {
+            match start_wan(&shared).await {
+                Ok(()) => {
+                    shared.metrics.gateway_changes.get_or_create(&KindLabel { kind: "promoted" }).inc();
+                    tracing::info!(region = %region, "this agent is now a gateway of its region");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start the WAN pool");
+                    continue;
+                }
+            }
+        } else if !elected && running {
+            stop_wan(&shared).await;
+            clear_imports(&shared).await;
+            heard.clear();
+            shared.metrics.gateway_changes.get_or_create(&KindLabel { kind: "demoted" }).inc();
+            tracing::info!(region = %region, "this agent is no longer a gateway");
+            continue;
+        } else if !elected {
+            continue;
+        }
+        publish(&shared, &snap).await;
+        import(&shared, &mut heard).await;
+    }
+}
+
+async fn start_wan(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let config = &shared.config;
+    let interval = config.gossip.interval;
+    let chitchat_config = ChitchatConfig {
+        // A fresh generation per start: what this instance says is never older than what an
+        // earlier instance said.
+        chitchat_id: ChitchatId::new(config.local.id.clone(), unix_ms(), config.gossip_advertise),
+        cluster_id: format!("{}#wan", config.local.cluster),
+        gossip_interval: interval,
+        listen_addr: shared.wire.local_addr()?,
+        seed_nodes: Vec::new(),
+        failure_detector_config: failure_detector(&config.gossip, interval),
+        marked_for_deletion_grace_period: config.event_ttl,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+    };
+    let transport = SealedTransport { wire: shared.wire.clone(), kind: FRAME_WAN, admit: None };
+    let initial = vec![(KEY_REGION.to_string(), config.local.region.clone())];
+    let handle = spawn_chitchat(chitchat_config, initial, &transport).await?;
+    let chitchat = handle.chitchat();
+    // Events from other regions: delivered here and copied into this region.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let listener = chitchat.lock().await.subscribe_event(EVENT_PREFIX, move |e| {
+        let _ = tx.send((e.key.to_string(), e.value.to_string()));
+    });
+    let relay = shared.clone();
+    tokio::spawn(async move {
+        while let Some((id, value)) = rx.recv().await {
+            relay.events.accept(&id, &value, origin_of(&id));
+            if first_relay(&relay, &id) {
+                relay.region.lock().await.self_node_state().set_with_ttl(format!("{EVENT_PREFIX}{id}"), value);
+                relay.changed();
+            }
+        }
+    });
+    // Say hello to every gateway we have heard of.
+    for addr in wan_seeds(shared) {
+        let _ = handle.gossip(addr);
+    }
+    *shared.wan.lock().await = Some(Pool { chitchat, handle, _listener: listener });
+    Ok(())
+}
+
+/// Stops the WAN pool, if running.
+pub(crate) async fn stop_wan(shared: &Shared) {
+    let pool = shared.wan.lock().await.take();
+    if let Some(pool) = pool {
+        let _ = pool.handle.shutdown().await;
+        shared.wire.unlisten(FRAME_WAN);
+    }
+    shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(0);
+}
+
+/// Removes the other regions' members and reachability this agent copied in as a gateway.
+async fn clear_imports(shared: &Shared) {
+    let mut c = shared.region.lock().await;
+    let state = c.self_node_state();
+    let keys: Vec<String> = state
+        .key_values()
+        .filter(|(k, _)| k.starts_with(REMOTE_PREFIX) || *k == KEY_REACH)
+        .map(|(k, _)| k.to_string())
+        .collect();
+    for k in &keys {
+        state.delete(k);
+    }
+    if !keys.is_empty() {
+        shared.changed();
+    }
+}
+
+/// Gateways to introduce a new WAN pool to: from join replies, and the other regions'
+/// gateways this region already knows.
+fn wan_seeds(shared: &Shared) -> Vec<SocketAddr> {
+    let mut seeds: Vec<SocketAddr> = shared.known_gateways.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let snap = shared.snapshots.borrow().clone();
+    for (region, info) in &snap.region_info {
+        if *region == snap.local.region {
+            continue;
+        }
+        for g in &info.gateways {
+            if let Some(m) = snap.members.iter().find(|m| &m.id == g) {
+                seeds.push(m.gossip_addr);
+            }
+        }
+    }
+    seeds.retain(|a| *a != shared.config.gossip_advertise);
+    seeds.sort();
+    seeds.dedup();
+    seeds
+}
+
+/// A member as published to the other regions: no RTT (it is ours, not theirs), load rounded
+/// up to a power of two.
+fn summary(m: &MemberView) -> String {
+    let mut m = m.clone();
+    m.rtt_ms = None;
+    for s in &mut m.services {
+        s.load = if s.load == 0 { 0 } else { s.load.next_power_of_two() };
+    }
+    serde_json::to_string(&m).unwrap_or_default()
+}
+
+/// Publishes this region's members into the WAN pool; pushes at once to the other gateways
+/// when anything changed.
+async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
+    let wan = shared.wan.lock().await;
+    let Some(pool) = wan.as_ref() else { return };
+    let region = &shared.config.local.region;
+    let ours: BTreeMap<String, String> = snap
+        .members
+        .iter()
+        .filter(|m| &m.region == region && m.state != MemberState::Unreachable)
+        .map(|m| (format!("{SUMMARY_PREFIX}{}", m.id), summary(m)))
+        .collect();
+    let (changed, peers) = {
+        let mut c = pool.chitchat.lock().await;
+        let me = c.self_chitchat_id().clone();
+        let peers: Vec<SocketAddr> = c
+            .node_states()
+            .keys()
+            .filter(|id| **id != me && id.node_id != me.node_id)
+            .map(|id| id.gossip_advertise_addr)
+            .collect();
+        let state = c.self_node_state();
+        let before = state.max_version();
+        let stale: Vec<String> = state
+            .key_values()
+            .filter(|(k, _)| k.starts_with(SUMMARY_PREFIX) && !ours.contains_key(*k))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        for k in stale {
+            state.delete(&k);
+        }
+        for (k, v) in ours {
+            state.set(k, v);
+        }
+        (state.max_version() != before, peers)
+    };
+    shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(peers.len() as i64 + 1);
+    if changed {
+        // The WAN pool's own version hint: a round with every gateway now, not at the next tick.
+        let mut peers = peers;
+        peers.sort();
+        peers.dedup();
+        for addr in peers {
+            let _ = pool.handle.gossip(addr);
+        }
+    } else if peers.is_empty() {
+        for addr in wan_seeds(shared) {
+            let _ = pool.handle.gossip(addr);
+        }
+    }
+}
+
+/// Copies the other regions' members and reachability from the WAN pool into this region.
+async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>) {
+    let now = Instant::now();
+    // A region is reachable while one of its gateways' heartbeats advanced this recently.
+    let window = (shared.config.gossip.interval * 4).max(Duration::from_secs(3));
+    let region = &shared.config.local.region;
+    let (reach, remote) = {
+        let wan = shared.wan.lock().await;
+        let Some(pool) = wan.as_ref() else { return };
+        let c = pool.chitchat.lock().await;
+        let me = c.self_chitchat_id().clone();
+        // Per region: (fresh, gateway id, its state).
+        let mut by_region: BTreeMap<String, Vec<(bool, &ChitchatId)>> = BTreeMap::new();
+        for (id, state) in c.node_states() {
+            if *id == me {
+                continue;
+            }
+            let hb = u64::from(state.heartbeat());
+            let entry = heard.entry(id.clone()).or_insert((hb, now));
+            if entry.0 != hb {
+                *entry = (hb, now);
+            }
+            let fresh = now.duration_since(entry.1) <= window;
+            if let Some(r) = state.get(KEY_REGION)
+                && r != region
+            {
+                by_region.entry(r.to_string()).or_default().push((fresh, id));
+            }
+        }
+        heard.retain(|id, _| c.node_states().contains_key(id));
+        let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
+        let mut remote: BTreeMap<String, String> = BTreeMap::new();
+        for (r, mut gateways) in by_region {
+            // Fresh ones first, then by id (and the newest instance of a restarted gateway).
+            gateways.sort_by(|a, b| {
+                (!a.0, &a.1.node_id, std::cmp::Reverse(a.1.generation_id)).cmp(&(
+                    !b.0,
+                    &b.1.node_id,
+                    std::cmp::Reverse(b.1.generation_id),
+                ))
+            });
+            let reachable = gateways.iter().any(|g| g.0);
+            let mut ids: Vec<String> =
+                gateways.iter().filter(|g| g.0 || !reachable).map(|g| g.1.node_id.to_string()).collect();
+            ids.dedup();
+            reach.insert(r.clone(), RegionInfo { gateways: ids, reachable });
+            if let Some((_, source)) = gateways.first()
+                && let Some(state) = c.node_state(source)
+            {
+                for (k, v) in state.iter_prefix(SUMMARY_PREFIX) {
+                    remote.insert(format!("{REMOTE_PREFIX}{}", &k[SUMMARY_PREFIX.len()..]), v.value.clone());
+                }
+            }
+        }
+        (reach, remote)
+    };
+    let mut c = shared.region.lock().await;
+    let state = c.self_node_state();
+    let before = state.max_version();
+    let stale: Vec<String> = state
+        .key_values()
+        .filter(|(k, _)| k.starts_with(REMOTE_PREFIX) && !remote.contains_key(*k))
+        .map(|(k, _)| k.to_string())
+        .collect();
+    for k in stale {
+        state.delete(&k);
+    }
+    for (k, v) in remote {
+        state.set(k, v);
+    }
+    state.set(KEY_REACH, serde_json::to_string(&reach).unwrap_or_default());
+    if state.max_version() != before {
+        shared.changed();
+    }
+}
+
+/// True the first time an event id passes through this gateway (in either direction).
+fn first_relay(shared: &Shared, id: &str) -> bool {
+    let mut relayed = shared.relayed.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    let keep = shared.config.event_ttl * 2;
+    if relayed.len() > 1024 {
+        relayed.retain(|_, at| now.duration_since(*at) < keep);
+    }
+    relayed.insert(id.to_string(), now).is_none()
+}
+
+/// Copies an event of this region into the WAN pool, if this agent is a gateway.
+pub(crate) async fn relay_to_wan(shared: &Shared, id: &str, value: &str) {
+    let wan = shared.wan.lock().await;
+    let Some(pool) = wan.as_ref() else { return };
+    if !first_relay(shared, id) {
+        return;
+    }
+    pool.chitchat.lock().await.self_node_state().set_with_ttl(format!("{EVENT_PREFIX}{id}"), value);
+    let peers: HashSet<SocketAddr> = {
+        let c = pool.chitchat.lock().await;
+        c.node_states().keys().map(|id| id.gossip_advertise_addr).collect()
+    };
+    for addr in peers.into_iter().filter(|a| *a != shared.config.gossip_advertise) {
+        let _ = pool.handle.gossip(addr);
+    }
+}
