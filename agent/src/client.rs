@@ -131,7 +131,8 @@ pub fn render_status(s: &StatusDoc) -> String {
     for region in &c.regions {
         match c.region_info.get(region) {
             Some(info) => {
-                let gateways = if info.gateways.is_empty() { "none known".to_string() } else { info.gateways.join(", ") };
+                let gateways =
+                    if info.gateways.is_empty() { "none known".to_string() } else { info.gateways.join(", ") };
                 let reach = if region == &n.region {
                     "this region"
                 } else if info.reachable {

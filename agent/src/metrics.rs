@@ -76,6 +76,8 @@ pub struct Metrics {
     pub gateway_changes: Family<KindLabel, Counter>,
     /// Strangers a full pool refused.
     pub pool_refused: Counter,
+    /// Sealed bytes sent, by what they carried.
+    pub sent_bytes: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -132,7 +134,11 @@ impl Metrics {
         let ingress_requests = Family::<CodeLabel, Counter>::default();
         registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
         let pool_size = Family::<KindLabel, Gauge>::default();
-        registry.register("pool_members", "Members of each gossip pool this agent is in (region, wan)", pool_size.clone());
+        registry.register(
+            "pool_members",
+            "Members of each gossip pool this agent is in (region, wan)",
+            pool_size.clone(),
+        );
         let hints = Family::<KindLabel, Counter>::default();
         registry.register(
             "version_hints",
@@ -152,6 +158,12 @@ impl Metrics {
             "pool_refused",
             "Gossip from strangers refused because the pool is at its size limit",
             pool_refused.clone(),
+        );
+        let sent_bytes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "gossip_sent_bytes",
+            "Sealed gossip bytes sent, by layer: region (pool), swim, wan, ping, join",
+            sent_bytes.clone(),
         );
         for state in ["alive", "suspect", "dead", "left", "unreachable"] {
             members.get_or_create(&StateLabel { state: state.into() }).set(0);
@@ -180,6 +192,7 @@ impl Metrics {
             suspects,
             gateway_changes,
             pool_refused,
+            sent_bytes,
         }
     }
 

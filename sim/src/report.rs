@@ -28,6 +28,10 @@ pub struct EventFigure {
     /// affected region, and the ideal share for this change.
     pub sessions_moved: Option<f64>,
     pub sessions_moved_ideal: Option<f64>,
+    /// For a crashed gateway: seconds until another region saw its region's gateways without
+    /// it and back to full strength.
+    #[serde(default)]
+    pub gateway_replaced_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +62,13 @@ pub struct Report {
     pub ring_agreement_min: BTreeMap<String, f64>,
     pub ring_agreement_mean: BTreeMap<String, f64>,
     pub bytes_per_node_s: f64,
+    /// Bytes per node per second while nothing happens: from 10 s after the start converged
+    /// until the first event (or the end), the mean of the samples. None if there is no such span.
+    #[serde(default)]
+    pub idle_bytes_per_node_s: Option<f64>,
+    /// The same, by membership layer (region pool, swim, wan, ping, join).
+    #[serde(default)]
+    pub bytes_per_node_s_by_layer: BTreeMap<String, f64>,
     pub datagrams_per_node_s: f64,
 }
 
@@ -126,6 +137,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                 observers,
                 sessions_moved: None,
                 sessions_moved_ideal: None,
+                gateway_replaced_s: None,
             });
         };
         match a.action.as_str() {
@@ -161,10 +173,12 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
             }
             "partition" => {
                 // Each agent has seen the split when every node it can no longer hear from is
-                // dead in its view.
+                // dead (cut inside its region) or unreachable (in a region cut off) in its view.
                 let mut per_observer: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
                 for (o, subject) in &a.cut_pairs {
-                    let seen = seen_times(rec, a.t, subject, &[MemberState::Dead], until).get(o).copied();
+                    let seen = seen_times(rec, a.t, subject, &[MemberState::Dead, MemberState::Unreachable], until)
+                        .get(o)
+                        .copied();
                     per_observer.entry(o.as_str()).or_default().push(seen);
                 }
                 let done: Vec<f64> = per_observer
@@ -176,7 +190,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     t: a.t,
                     action: a.action.clone(),
                     detail: a.detail.clone(),
-                    seen_as: "every node on the other side dead".into(),
+                    seen_as: "every node on the other side dead or unreachable".into(),
                     first_s: done.iter().cloned().reduce(f64::min),
                     all_s: if done.len() == per_observer.len() && !done.is_empty() {
                         done.iter().cloned().reduce(f64::max)
@@ -187,6 +201,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     observers: per_observer.len(),
                     sessions_moved: None,
                     sessions_moved_ideal: None,
+                    gateway_replaced_s: None,
                 });
             }
             "heal" | "loss" => {
@@ -203,9 +218,28 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     observers,
                     sessions_moved: None,
                     sessions_moved_ideal: None,
+                    gateway_replaced_s: None,
                 });
             }
             _ => {}
+        }
+    }
+
+    // Crashed gateways: how long until their region had a full set of gateways without them.
+    for e in events.iter_mut().filter(|e| e.action == "crash") {
+        let Some(a) = rec.applied.iter().find(|a| a.t == e.t && a.action == "crash") else { continue };
+        for n in &a.nodes {
+            let Some(region) = rec.regions.iter().find(|r| n.starts_with(&format!("{r}-"))) else { continue };
+            let before = rec.gateways.iter().filter(|(t, r, _)| *t <= e.t && r == region).last();
+            let Some((_, _, was)) = before else { continue };
+            if !was.contains(n) {
+                continue;
+            }
+            e.gateway_replaced_s = rec
+                .gateways
+                .iter()
+                .find(|(t, r, g)| *t > e.t && r == region && !g.contains(n) && g.len() >= was.len())
+                .map(|(t, _, _)| t - e.t);
         }
     }
 
@@ -269,6 +303,14 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
         ring_agreement_min: ring_min,
         ring_agreement_mean: ring_sum.into_iter().map(|(r, (s, n))| (r, s / n as f64)).collect(),
         bytes_per_node_s: rec.total_bytes as f64 / node_s,
+        idle_bytes_per_node_s: {
+            let from = converged_at + 10.0;
+            let to = rec.applied.iter().map(|a| a.t).fold(simulated_s, f64::min);
+            let idle: Vec<f64> =
+                rec.traffic.iter().filter(|(t, _, _)| *t > from && *t <= to).map(|(_, b, _)| *b).collect();
+            (!idle.is_empty()).then(|| idle.iter().sum::<f64>() / idle.len() as f64)
+        },
+        bytes_per_node_s_by_layer: rec.bytes_by_layer.iter().map(|(k, v)| (k.clone(), *v as f64 / node_s)).collect(),
         datagrams_per_node_s: rec.total_datagrams as f64 / node_s,
     }
 }
@@ -307,6 +349,10 @@ pub fn summary(r: &Report) -> String {
                     (Some(m), Some(i)) => format!("; sessions moved {:.1}% (ideal {:.1}%)", m * 100.0, i * 100.0),
                     _ => String::new(),
                 };
+                let moved = match e.gateway_replaced_s {
+                    Some(g) => format!("{moved}; it was a gateway, replaced after {g:.2} s"),
+                    None => moved,
+                };
                 let _ = writeln!(
                     out,
                     "  t={:>6.1}s {what}: seen {} by the first agent after {}, by all after {} ({}/{} agents){moved}",
@@ -331,10 +377,15 @@ pub fn summary(r: &Report) -> String {
         .map(|(k, v)| format!("{k} min {:.0}% mean {:.0}%", v * 100.0, r.ring_agreement_mean[k] * 100.0))
         .collect();
     let _ = writeln!(out, "  ring agreement within each region, after the start converged: {}", agreement.join("; "));
+    if let Some(idle) = r.idle_bytes_per_node_s {
+        let _ = writeln!(out, "  idle gossip per node (before the first event): {idle:.0} B/s");
+    }
     let _ = writeln!(
         out,
-        "  gossip per node: {:.0} B/s, {:.1} datagrams/s (sealed, on the simulated wire)",
-        r.bytes_per_node_s, r.datagrams_per_node_s
+        "  gossip per node: {:.0} B/s, {:.1} datagrams/s (sealed, on the simulated wire); by layer: {}",
+        r.bytes_per_node_s,
+        r.datagrams_per_node_s,
+        r.bytes_per_node_s_by_layer.iter().map(|(k, v)| format!("{k} {v:.0}")).collect::<Vec<_>>().join(", ")
     );
     out
 }

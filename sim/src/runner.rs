@@ -86,7 +86,11 @@ pub struct Recording {
     /// (index into `applied`, share of sampled sessions whose instance changed, the ideal
     /// share) as seen by one agent of the changed region, before the event and once it settled.
     pub sessions_moved: Vec<(usize, f64, f64)>,
+    /// (t, region, its gateways as another region sees them), recorded when they change.
+    pub gateways: Vec<(f64, String, Vec<String>)>,
     pub total_bytes: u64,
+    /// Bytes sent by membership layer (region pool, swim, wan, ping, join), all nodes.
+    pub bytes_by_layer: std::collections::BTreeMap<String, u64>,
     pub total_datagrams: u64,
     pub node_seconds: f64,
     pub max_nodes: usize,
@@ -101,6 +105,8 @@ struct World {
     seeds: Vec<String>,
     gossip: GossipSettings,
     next_generation: u64,
+    /// Every node incarnation's metrics, for the per-layer byte counts.
+    all_metrics: Vec<Arc<Metrics>>,
 }
 
 impl World {
@@ -111,6 +117,7 @@ impl World {
         node.generation = generation;
         let socket = self.net.attach(node.addr, node.region);
         let metrics = Arc::new(Metrics::new());
+        self.all_metrics.push(metrics.clone());
         let wire = Wire::new(socket, self.keyring.clone(), "sim", metrics.clone());
         let local = LocalNode {
             id: node.id.clone(),
@@ -215,6 +222,7 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
         seeds: Vec::new(),
         gossip,
         next_generation: 0,
+        all_metrics: Vec::new(),
     };
     for (r, spec) in scenario.regions.iter().enumerate() {
         for _ in 0..spec.nodes {
@@ -388,11 +396,21 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             w.crash(i).await;
         }
     }
+    let mut by_layer = std::collections::BTreeMap::new();
+    for layer in ["region", "swim", "hint", "wan", "ping", "join"] {
+        let n: u64 = w
+            .all_metrics
+            .iter()
+            .map(|m| m.sent_bytes.get_or_create(&grapevine_agent::metrics::KindLabel { kind: layer }).get())
+            .sum();
+        by_layer.insert(layer.to_string(), n);
+    }
     let mut rec =
         Arc::try_unwrap(recording).map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).unwrap_or_default();
     rec.wall_seconds = wall.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let traffic = net.traffic();
     rec.total_bytes = traffic.bytes;
+    rec.bytes_by_layer = by_layer;
     rec.total_datagrams = traffic.datagrams;
     Ok(rec)
 }
@@ -507,6 +525,20 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
             }
         }
         r.complete.push((t, complete));
+        // Each region's gateways, as the first agent of another region sees them.
+        for (ri, region) in w.regions.iter().enumerate() {
+            let observer = snaps
+                .iter()
+                .find(|(i, _)| w.nodes[*i].region != ri)
+                .or_else(|| snaps.iter().find(|(i, _)| w.nodes[*i].region == ri));
+            if let Some((_, snap)) = observer {
+                let now = snap.region_info.get(region).map(|g| g.gateways.clone()).unwrap_or_default();
+                let last = r.gateways.iter().rev().find(|(_, reg, _)| reg == region).map(|(_, _, g)| g);
+                if last != Some(&now) {
+                    r.gateways.push((t, region.clone(), now));
+                }
+            }
+        }
         // Traffic over the last sample.
         let traffic = w.net.traffic();
         let dt = t - last_traffic.0;

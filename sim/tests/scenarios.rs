@@ -36,7 +36,7 @@ fn a_split_is_seen_on_both_sides_and_heals_by_itself() {
     assert!(r.initial_convergence_s.is_some_and(|s| s < 10.0), "{r:?}");
     let split = r.events.iter().find(|e| e.action == "partition").unwrap();
     assert_eq!(split.observers, 8);
-    let seen = split.all_s.expect("every agent saw the other side dead during the split");
+    let seen = split.all_s.expect("every agent saw the other side unreachable during the split");
     assert!(seen < 20.0, "took {seen} s");
     let heal = r.events.iter().find(|e| e.action == "heal").unwrap();
     let healed = heal.all_s.expect("every agent saw every node alive after the heal");

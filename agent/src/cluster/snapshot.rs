@@ -292,7 +292,9 @@ impl Snapshot {
     /// Counts by state.
     pub fn counts(&self) -> BTreeMap<MemberState, usize> {
         let mut c = BTreeMap::new();
-        for s in [MemberState::Alive, MemberState::Suspect, MemberState::Dead, MemberState::Left, MemberState::Unreachable] {
+        for s in
+            [MemberState::Alive, MemberState::Suspect, MemberState::Dead, MemberState::Left, MemberState::Unreachable]
+        {
             c.insert(s, 0);
         }
         for m in &self.members {

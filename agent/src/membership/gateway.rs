@@ -35,6 +35,7 @@ const SUMMARY_PREFIX: &str = "m:";
 /// Runs the gateway duties whenever this agent is elected, every 250 ms.
 pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
     let mut heard: HashMap<ChitchatId, (u64, Instant)> = HashMap::new();
+    let mut last_poke = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,6 +68,10 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
         }
         publish(&shared, &snap).await;
         import(&shared, &mut heard).await;
+        if last_poke.elapsed() >= shared.config.gossip.interval {
+            last_poke = Instant::now();
+            poke_silent(&shared).await;
+        }
     }
 }
 
@@ -221,6 +226,27 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
         for addr in wan_seeds(shared) {
             let _ = pool.handle.gossip(addr);
         }
+    }
+}
+
+/// chitchat gossips only with members its failure detector calls live; one whose first
+/// exchanges were lost (or that went quiet in a cut) would be left alone for long. Once per
+/// WAN interval, start a round with every gateway chitchat does not call live.
+async fn poke_silent(shared: &Shared) {
+    let wan = shared.wan.lock().await;
+    let Some(pool) = wan.as_ref() else { return };
+    let silent: Vec<SocketAddr> = {
+        let c = pool.chitchat.lock().await;
+        let me = c.self_chitchat_id().clone();
+        let live: HashSet<&ChitchatId> = c.live_nodes().collect();
+        c.node_states()
+            .keys()
+            .filter(|id| **id != me && id.node_id != me.node_id && !live.contains(id))
+            .map(|id| id.gossip_advertise_addr)
+            .collect()
+    };
+    for addr in silent {
+        let _ = pool.handle.gossip(addr);
     }
 }
 

@@ -50,7 +50,7 @@ use crate::config::GossipSettings;
 use crate::events::{EventBody, EventHub};
 use crate::metrics::{KindLabel, Metrics, StateLabel};
 use swim::{Hint, Swim, SwimId, SwimSettings, SwimState};
-use transport::{FRAME_GOSSIP, FRAME_JOIN, FRAME_JOIN_REPLY, FRAME_SWIM, SealedTransport, Wire};
+use transport::{FRAME_GOSSIP, FRAME_HINT, FRAME_JOIN, FRAME_JOIN_REPLY, FRAME_SWIM, SealedTransport, Wire};
 
 const KEY_REGION: &str = "region";
 const KEY_ZONE: &str = "zone";
@@ -208,12 +208,7 @@ impl Membership {
         let chitchat = handle.chitchat();
 
         let swim = Swim::new(
-            SwimId {
-                addr: config.gossip_advertise,
-                id: local.id.clone(),
-                generation: config.generation,
-                bump: 0,
-            },
+            SwimId { addr: config.gossip_advertise, id: local.id.clone(), generation: config.generation, bump: 0 },
             &local.region,
             &SwimSettings {
                 probe_interval: config.gossip.probe_interval,
@@ -271,7 +266,7 @@ impl Membership {
         }
         tasks.push(tokio::spawn(join_server(shared.clone(), wire.listen(FRAME_JOIN), wire.listen(FRAME_JOIN_REPLY))));
         tasks.push(tokio::spawn(join_loop(shared.clone())));
-        tasks.push(tokio::spawn(hint_loop(shared.clone())));
+        tasks.push(tokio::spawn(hint_loop(shared.clone(), wire.listen(FRAME_HINT))));
         tasks.push(tokio::spawn(snapshot_loop(shared.clone())));
         tasks.push(tokio::spawn(gateway::gateway_loop(shared.clone())));
         tasks.push(tokio::spawn(ping_loop(wire.clone(), snapshots.clone())));
@@ -346,6 +341,7 @@ impl Membership {
         shared.leaving.store(true, Ordering::Relaxed);
         shared.region.lock().await.self_node_state().set(KEY_STATUS, "left");
         shared.changed();
+        shared.significant.store(false, Ordering::Relaxed);
         send_hint(shared).await;
         let peers: Vec<SocketAddr> = {
             let view = shared.swim.view();
@@ -552,7 +548,7 @@ async fn snapshot_loop(shared: Arc<Shared>) {
             let mut sources: Vec<(&ChitchatId, &NodeState)> = c
                 .node_states()
                 .iter()
-                .filter(|(id, s)| alive.contains(&*id.node_id) && s.contains_key(KEY_REACH))
+                .filter(|(id, s)| alive.contains(&*id.node_id) && s.get(KEY_REACH).is_some())
                 .collect();
             sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
             let remote = sources.first().map(|(id, s)| {
@@ -617,36 +613,71 @@ async fn snapshot_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Sends a version hint for this node's current state.
-async fn send_hint(shared: &Shared) {
+/// Sends a version hint for this node's current state: piggybacked on SWIM's messages, and
+/// straight to every region member SWIM calls up (a small datagram each; state changes are
+/// rare, and piggybacked broadcasts alone proved unreliable under loss). Returns the hint.
+async fn send_hint(shared: &Shared) -> Hint {
     let version = shared.region.lock().await.self_node_state().max_version();
-    shared.swim.hint(&Hint {
+    let hint = Hint {
         node: shared.me().to_string(),
         generation: shared.config.generation,
         version,
         addr: shared.config.gossip_advertise,
-    });
+    };
+    shared.swim.hint(&hint);
+    push_hint(shared, &hint).await;
+    hint
+}
+
+/// Sends `hint` to every region member SWIM calls alive or suspect.
+async fn push_hint(shared: &Shared, hint: &Hint) {
+    let Ok(body) = postcard::to_stdvec(hint) else { return };
+    let peers: Vec<SocketAddr> =
+        shared.swim.view().values().filter(|(_, s)| *s != SwimState::Down).map(|(id, _)| id.addr).collect();
+    for addr in peers {
+        shared.wire.send_frame(addr, FRAME_HINT, &body).await;
+    }
     shared.metrics.hints.get_or_create(&KindLabel { kind: "sent" }).inc();
 }
 
-/// Sends hints for this node's changes, and pulls from nodes hinted to be ahead of us (a few
-/// tries, for loss), every 100 ms.
-async fn hint_loop(shared: Arc<Shared>) {
+/// Sends hints for this node's changes (again twice, a second apart, for loss), and pulls
+/// from nodes hinted to be ahead of us (a few tries, for loss), every 100 ms.
+async fn hint_loop(shared: Arc<Shared>, mut direct: tokio::sync::mpsc::Receiver<transport::Inbound>) {
     const TRIES: u32 = 5;
     const SPACING: Duration = Duration::from_millis(300);
     // Per node: the hint, tries left and when to try next.
     let mut pending: HashMap<String, (Hint, u32, Instant)> = HashMap::new();
+    // Our latest hint, repeats left and when.
+    let mut repeat: Option<(Hint, u32, Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if shared.significant.swap(false, Ordering::Relaxed) {
-            send_hint(&shared).await;
-        }
         let now = Instant::now();
-        for h in shared.swim.take_hints() {
+        if shared.significant.swap(false, Ordering::Relaxed) {
+            let hint = send_hint(&shared).await;
+            repeat = Some((hint, 2, now + Duration::from_secs(1)));
+        } else if let Some((hint, left, at)) = &mut repeat
+            && *at <= now
+        {
+            push_hint(&shared, hint).await;
+            *left -= 1;
+            *at = now + Duration::from_secs(1);
+            if *left == 0 {
+                repeat = None;
+            }
+        }
+        let mut received = shared.swim.take_hints();
+        while let Ok((_, body)) = direct.try_recv() {
+            if let Ok(h) = postcard::from_bytes::<Hint>(&body) {
+                received.push(h);
+            }
+        }
+        for h in received {
             shared.metrics.hints.get_or_create(&KindLabel { kind: "received" }).inc();
-            if h.node != shared.me() {
+            let newer =
+                pending.get(&h.node).is_none_or(|(p, _, _)| (h.generation, h.version) > (p.generation, p.version));
+            if h.node != shared.me() && newer {
                 pending.insert(h.node.clone(), (h, TRIES, now));
             }
         }
@@ -766,7 +797,8 @@ async fn join_loop(shared: Arc<Shared>) {
             }
             targets.sort();
             targets.dedup();
-            let body = serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
+            let body =
+                serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
             for t in targets {
                 shared.metrics.reprobes.inc();
                 shared.wire.send_frame(t, FRAME_JOIN, &body).await;

@@ -138,9 +138,7 @@ struct Outbox {
 impl Runtime<SwimId> for Outbox {
     fn notify(&mut self, notification: Notification<'_, SwimId>) {
         match notification {
-            Notification::MemberUp(_) | Notification::MemberDown(_) | Notification::Rename(..) => {
-                self.changed = true
-            }
+            Notification::MemberUp(_) | Notification::MemberDown(_) | Notification::Rename(..) => self.changed = true,
             Notification::Defunct => tracing::info!("SWIM: this node was declared down; rejoining"),
             Notification::Rejoin(id) => tracing::info!(bump = id.bump, "SWIM: rejoined with a renewed identity"),
             _ => {}

@@ -2,7 +2,8 @@
 //!
 //! Every datagram is `seal(frame)`, where a frame is one type byte and a body: the region pool's
 //! chitchat messages (type 0), a ping or pong carrying a 64-bit id (types 1 and 2), SWIM (3), the
-//! gateways' WAN pool chitchat (4), and a join request and its reply (5 and 6). One receive task
+//! gateways' WAN pool chitchat (4), a join request and its reply (5 and 6), and a version hint
+//! (7). One receive task
 //! opens every datagram and hands its body to whoever listens for its type. A datagram that does
 //! not open, or opens to an unknown type, a type nobody listens for, or a body its listener
 //! cannot decode, is dropped and counted by reason, and logged at most once per interval.
@@ -32,7 +33,9 @@ pub const FRAME_WAN: u8 = 4;
 /// "Which members of region R do you know?" and its answer.
 pub const FRAME_JOIN: u8 = 5;
 pub const FRAME_JOIN_REPLY: u8 = 6;
-const FRAME_KINDS: usize = 7;
+/// A version hint sent straight to a region member.
+pub const FRAME_HINT: u8 = 7;
+const FRAME_KINDS: usize = 8;
 /// Datagrams queued per listener before new ones are dropped.
 const QUEUE: usize = 4096;
 
@@ -206,7 +209,7 @@ impl Wire {
     pub fn try_send_frame(&self, to: SocketAddr, kind: u8, body: &[u8]) {
         let sealed = self.seal(kind, body);
         match self.socket.try_send_to(&sealed, to) {
-            Ok(n) => self.metrics.count_datagram("out", n),
+            Ok(n) => self.count_sent(kind, n),
             Err(e) => {
                 self.metrics.dropped("send_error");
                 tracing::debug!(%to, error = %e, "gossip send failed");
@@ -223,12 +226,25 @@ impl Wire {
             return;
         }
         match self.socket.send_to(&sealed, to).await {
-            Ok(n) => self.metrics.count_datagram("out", n),
+            Ok(n) => self.count_sent(kind, n),
             Err(e) => {
                 self.metrics.dropped("send_error");
                 tracing::debug!(%to, error = %e, "gossip send failed");
             }
         }
+    }
+
+    fn count_sent(&self, kind: u8, bytes: usize) {
+        self.metrics.count_datagram("out", bytes);
+        let layer = match kind {
+            FRAME_GOSSIP => "region",
+            FRAME_SWIM => "swim",
+            FRAME_WAN => "wan",
+            FRAME_PING | FRAME_PONG => "ping",
+            FRAME_HINT => "hint",
+            _ => "join",
+        };
+        self.metrics.sent_bytes.get_or_create(&crate::metrics::KindLabel { kind: layer }).inc_by(bytes as u64);
     }
 
     /// Sends a ping to `to`; the pong updates the RTT table.
@@ -279,7 +295,7 @@ impl Wire {
                     if kind == FRAME_PING {
                         let pong = self.seal(FRAME_PONG, &id.to_le_bytes());
                         if let Ok(n) = self.socket.try_send_to(&pong, from) {
-                            self.metrics.count_datagram("out", n);
+                            self.count_sent(FRAME_PONG, n);
                         }
                     } else {
                         self.rtt.finish(from, id);
