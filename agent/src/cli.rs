@@ -193,7 +193,7 @@ pub struct RunArgs {
     /// How often seeds and dead members are re-probed [env: AGENT_REPROBE_INTERVAL] [default: 5s]
     #[arg(long, value_name = "DURATION")]
     pub reprobe_interval: Option<String>,
-    /// Region pool anti-entropy round interval (changes travel by hints) [env: AGENT_ANTI_ENTROPY_INTERVAL] [default: 30s]
+    /// Region pool anti-entropy round interval (changes travel by hints) [env: AGENT_ANTI_ENTROPY_INTERVAL] [default: 60s]
     #[arg(long, value_name = "DURATION")]
     pub anti_entropy_interval: Option<String>,
     /// SWIM direct probe interval [env: AGENT_PROBE_INTERVAL] [default: 500ms]

@@ -548,7 +548,7 @@ impl Layer {
             anti_entropy_interval: duration_in(
                 "anti_entropy_interval",
                 self.anti_entropy_interval.as_deref(),
-                "30s",
+                "60s",
                 ms(50),
                 secs(600),
             )?,

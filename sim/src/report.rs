@@ -69,6 +69,9 @@ pub struct Report {
     /// The same, by membership layer (region pool, swim, wan, ping, join).
     #[serde(default)]
     pub bytes_per_node_s_by_layer: BTreeMap<String, f64>,
+    /// Idle bytes per node per second by layer, over the same span as `idle_bytes_per_node_s`.
+    #[serde(default)]
+    pub idle_bytes_per_node_s_by_layer: BTreeMap<String, f64>,
     pub datagrams_per_node_s: f64,
 }
 
@@ -303,6 +306,20 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
         ring_agreement_min: ring_min,
         ring_agreement_mean: ring_sum.into_iter().map(|(r, (s, n))| (r, s / n as f64)).collect(),
         bytes_per_node_s: rec.total_bytes as f64 / node_s,
+        idle_bytes_per_node_s_by_layer: {
+            let from = converged_at + 10.0;
+            let to = rec.applied.iter().map(|a| a.t).fold(simulated_s, f64::min);
+            let a = rec.layer_bytes.iter().find(|(t, _, _)| *t > from);
+            let b = rec.layer_bytes.iter().rev().find(|(t, _, _)| *t <= to);
+            match (a, b) {
+                (Some((ta, na, va)), Some((tb, _, vb))) if tb > ta && *na > 0 => crate::runner::LAYERS
+                    .iter()
+                    .zip(va.iter().zip(vb))
+                    .map(|(l, (x, y))| (l.to_string(), (y - x) as f64 / (tb - ta) / *na as f64))
+                    .collect(),
+                _ => BTreeMap::new(),
+            }
+        },
         idle_bytes_per_node_s: {
             let from = converged_at + 10.0;
             let to = rec.applied.iter().map(|a| a.t).fold(simulated_s, f64::min);
@@ -378,7 +395,9 @@ pub fn summary(r: &Report) -> String {
         .collect();
     let _ = writeln!(out, "  ring agreement within each region, after the start converged: {}", agreement.join("; "));
     if let Some(idle) = r.idle_bytes_per_node_s {
-        let _ = writeln!(out, "  idle gossip per node (before the first event): {idle:.0} B/s");
+        let layers: Vec<String> =
+            r.idle_bytes_per_node_s_by_layer.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+        let _ = writeln!(out, "  idle gossip per node (before the first event): {idle:.0} B/s; by layer: {}", layers.join(", "));
     }
     let _ = writeln!(
         out,

@@ -86,6 +86,8 @@ pub struct Recording {
     /// (index into `applied`, share of sampled sessions whose instance changed, the ideal
     /// share) as seen by one agent of the changed region, before the event and once it settled.
     pub sessions_moved: Vec<(usize, f64, f64)>,
+    /// (t, running nodes, bytes sent so far by each layer in [`LAYERS`] order), every sample.
+    pub layer_bytes: Vec<(f64, usize, Vec<u64>)>,
     /// (t, region, its gateways as another region sees them), recorded when they change.
     pub gateways: Vec<(f64, String, Vec<String>)>,
     pub total_bytes: u64,
@@ -95,6 +97,21 @@ pub struct Recording {
     pub node_seconds: f64,
     pub max_nodes: usize,
     pub wall_seconds: f64,
+}
+
+/// The membership layers whose sent bytes are counted apart.
+pub const LAYERS: [&str; 6] = ["region", "swim", "hint", "wan", "ping", "join"];
+
+/// Bytes sent so far by each layer, over every node incarnation.
+fn layer_totals(all: &[Arc<Metrics>]) -> Vec<u64> {
+    LAYERS
+        .iter()
+        .map(|layer| {
+            all.iter()
+                .map(|m| m.sent_bytes.get_or_create(&grapevine_agent::metrics::KindLabel { kind: layer }).get())
+                .sum()
+        })
+        .collect()
 }
 
 struct World {
@@ -396,15 +413,8 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             w.crash(i).await;
         }
     }
-    let mut by_layer = std::collections::BTreeMap::new();
-    for layer in ["region", "swim", "hint", "wan", "ping", "join"] {
-        let n: u64 = w
-            .all_metrics
-            .iter()
-            .map(|m| m.sent_bytes.get_or_create(&grapevine_agent::metrics::KindLabel { kind: layer }).get())
-            .sum();
-        by_layer.insert(layer.to_string(), n);
-    }
+    let by_layer: std::collections::BTreeMap<String, u64> =
+        LAYERS.iter().zip(layer_totals(&w.all_metrics)).map(|(l, n)| (l.to_string(), n)).collect();
     let mut rec =
         Arc::try_unwrap(recording).map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).unwrap_or_default();
     rec.wall_seconds = wall.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
@@ -539,6 +549,7 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
                 }
             }
         }
+        r.layer_bytes.push((t, up.len(), layer_totals(&w.all_metrics)));
         // Traffic over the last sample.
         let traffic = w.net.traffic();
         let dt = t - last_traffic.0;

@@ -4,7 +4,7 @@
 //!
 //! - **The region pool**: a chitchat instance (pinned at 0.11.0, whose message encoding is public
 //!   so our own sealed transport can carry it) holding only this region's members and their
-//!   state as key-values. Its anti-entropy round is slow (`anti_entropy_interval`, 30 s) because
+//!   state as key-values. Its anti-entropy round is slow (`anti_entropy_interval`, 60 s) because
 //!   changes travel by version hints.
 //! - **SWIM** ([`swim`], the `foca` crate) inside the region: who is alive, suspect or dead. Its
 //!   probes also carry version hints ("node X is at version v"); a member that is behind pulls
@@ -208,7 +208,7 @@ impl Membership {
         let chitchat = handle.chitchat();
 
         let swim = Swim::new(
-            SwimId { addr: config.gossip_advertise, id: local.id.clone(), generation: config.generation, bump: 0 },
+            SwimId { addr: config.gossip_advertise, generation: config.generation, bump: 0 },
             &local.region,
             &SwimSettings {
                 probe_interval: config.gossip.probe_interval,
@@ -516,7 +516,7 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                     }
                     Liveness::Alive
                 } else {
-                    match view.get(&*id.node_id) {
+                    match view.get(&id.gossip_advertise_addr) {
                         Some((sid, s)) if sid.generation == id.generation_id => match s {
                             SwimState::Alive => Liveness::Alive,
                             SwimState::Suspect => Liveness::Suspect,

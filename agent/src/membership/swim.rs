@@ -4,8 +4,8 @@
 //! foca runs behind a mutex; every call into it collects what foca wants done (datagrams,
 //! timers, notifications) in a [`Outbox`], which is carried out after the lock is released.
 //! Datagrams share the sealed gossip socket (frame type [`super::transport::FRAME_SWIM`]),
-//! prefixed by the region name so that a stray probe from another region is dropped, not
-//! merged. foca's custom broadcasts carry version hints: "node X is at version v" (see
+//! prefixed by four bytes of the region name's hash so that a stray probe from another region
+//! is dropped, not merged. foca's custom broadcasts carry version hints: "node X is at version v" (see
 //! [`Hint`]); they ride on probes and acks, so they cost no datagrams of their own.
 
 use std::collections::HashMap;
@@ -27,11 +27,12 @@ use crate::metrics::Metrics;
 /// SWIM datagram fits in 1200 bytes.
 const MAX_SWIM_PACKET: usize = 1200 - 64 - 64;
 
-/// A member's identity in SWIM. `bump` changes when foca rejoins after being declared down.
+/// A member's identity in SWIM: its gossip address and generation (every probe carries two
+/// identities, so they stay small: the node id is in the region pool's state, under the same
+/// address). `bump` changes when foca rejoins after being declared down.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SwimId {
     pub addr: SocketAddr,
-    pub id: String,
     pub generation: u64,
     pub bump: u16,
 }
@@ -40,7 +41,7 @@ impl SwimId {
     /// A stand-in for a member we know only by address: foca accepts an announce addressed to
     /// any identity with its address.
     fn placeholder(addr: SocketAddr) -> SwimId {
-        SwimId { addr, id: String::new(), generation: 0, bump: 0 }
+        SwimId { addr, generation: 0, bump: 0 }
     }
 
     fn rank(&self) -> (u64, u16) {
@@ -207,12 +208,12 @@ impl Swim {
             }),
         };
         // Seeded from the identity: the same in every run of a simulation.
-        let seed = xxhash_rust::xxh3::xxh3_64(format!("{}/{}/{}", me.id, me.generation, me.addr).as_bytes());
+        let seed = xxhash_rust::xxh3::xxh3_64(format!("{}/{}", me.generation, me.addr).as_bytes());
         let handler = HintHandler::default();
         let hints = handler.fresh.clone();
         let foca = Foca::with_custom_broadcast(me, config, StdRng::seed_from_u64(seed), PostcardCodec, handler);
-        let mut region_tag = vec![region.len().min(255) as u8];
-        region_tag.extend_from_slice(&region.as_bytes()[..region.len().min(255)]);
+        // Four bytes of the region name's hash: a stray probe from another region is dropped.
+        let region_tag = (xxhash_rust::xxh3::xxh3_64(region.as_bytes()) as u32).to_le_bytes().to_vec();
         Arc::new(Swim { core: Mutex::new(foca), wire, region_tag, metrics, stopped: AtomicBool::new(false), hints })
     }
 
@@ -292,10 +293,10 @@ impl Swim {
         std::mem::take(&mut *self.hints.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Every member foca knows (self excluded), with its state: the newest identity per node id.
-    pub fn view(&self) -> HashMap<String, (SwimId, SwimState)> {
+    /// Every member foca knows (self excluded), with its state: the newest identity per address.
+    pub fn view(&self) -> HashMap<SocketAddr, (SwimId, SwimState)> {
         let core = self.core.lock().unwrap_or_else(|e| e.into_inner());
-        let mut view: HashMap<String, (SwimId, SwimState)> = HashMap::new();
+        let mut view: HashMap<SocketAddr, (SwimId, SwimState)> = HashMap::new();
         for m in core.iter_membership_state() {
             let state = match m.state() {
                 State::Alive => SwimState::Alive,
@@ -303,10 +304,10 @@ impl Swim {
                 State::Down => SwimState::Down,
             };
             let id = m.id();
-            match view.get(&id.id) {
+            match view.get(&id.addr) {
                 Some((have, _)) if have.rank() > id.rank() => {}
                 _ => {
-                    view.insert(id.id.clone(), (id.clone(), state));
+                    view.insert(id.addr, (id.clone(), state));
                 }
             }
         }
@@ -329,5 +330,42 @@ impl Swim {
     /// Stops without a word.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(port: u16, generation: u64, bump: u16) -> SwimId {
+        SwimId { addr: SocketAddr::from(([10, 0, 0, 1], port)), generation, bump }
+    }
+
+    #[test]
+    fn a_renewed_or_restarted_identity_wins_its_address() {
+        let old = id(7946, 5, 0);
+        let renewed = old.renew().unwrap();
+        assert_eq!(renewed.addr, old.addr);
+        assert!(renewed.win_addr_conflict(&old) && !old.win_addr_conflict(&renewed));
+        let restarted = id(7946, 6, 0);
+        assert!(restarted.win_addr_conflict(&renewed));
+    }
+
+    #[test]
+    fn newer_hints_replace_older_ones_and_stale_ones_stop() {
+        let key = |v| HintKey { node: "a".into(), rank: (1, v) };
+        assert!(key(5).invalidates(&key(4)));
+        assert!(!key(4).invalidates(&key(5)));
+        assert!(!HintKey { node: "b".into(), rank: (1, 9) }.invalidates(&key(1)));
+        let mut handler = HintHandler::default();
+        let hint = |v| {
+            postcard::to_stdvec(&Hint { node: "a".into(), generation: 1, version: v, addr: id(1, 1, 0).addr }).unwrap()
+        };
+        assert!(handler.receive_item(&hint(3), None).unwrap().is_some());
+        assert!(handler.receive_item(&hint(3), None).unwrap().is_none(), "seen: not spread again");
+        assert!(handler.receive_item(&hint(2), None).unwrap().is_none(), "older: not spread");
+        assert!(handler.receive_item(&hint(4), None).unwrap().is_some());
+        assert!(handler.receive_item(b"\xff\xff", None).is_err());
+        assert_eq!(handler.fresh.lock().unwrap().len(), 2);
     }
 }
