@@ -101,9 +101,13 @@ class Serf(System):
 
 
 class Grapevine(System):
-    def __init__(self, interval):
-        super().__init__(f"grapevine@{interval}")
-        self.interval = interval
+    """Agents at default settings, spread round-robin over `regions` regions (region pools,
+    SWIM, two gateways per region); `extra` adds agent flags."""
+
+    def __init__(self, regions, extra=()):
+        super().__init__(f"grapevine/{regions}r" + ("".join(" " + e for e in extra)))
+        self.regions = regions
+        self.extra = list(extra)
         self.key = None
 
     def argv(self, i, n, base, workdir):
@@ -111,10 +115,10 @@ class Grapevine(System):
             self.key = os.path.join(workdir, "cluster.key")
             with open(self.key, "w") as f:
                 f.write(subprocess.check_output([AGENT, "keygen"], text=True))
-        return [AGENT, "run", "--node-id", f"g{i}", "--region", "bench", "--log-format", "json",
+        return [AGENT, "run", "--node-id", f"g{i}", "--region", f"r{i % self.regions}", "--log-format", "json",
                 "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 70 + i}",
                 "--cluster-key-file", self.key, "--data-dir", os.path.join(workdir, f"g{i}"),
-                "--gossip-interval", self.interval, "--join", f"127.0.0.1:{base}"]
+                "--join", f"127.0.0.1:{base}"] + self.extra
 
     def parse(self, line):
         if "member state changed" not in line:
@@ -236,13 +240,13 @@ def fmt(v, unit):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10,30,60")
-    ap.add_argument("--intervals", default="1s,500ms", help="Grapevine gossip intervals to run")
+    ap.add_argument("--regions", default="1,3", help="Grapevine runs: agents spread over this many regions")
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle traffic capture")
     ap.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    systems = [Serf()] + [Grapevine(i) for i in args.intervals.split(",")]
+    systems = [Serf()] + [Grapevine(int(r)) for r in args.regions.split(",")]
     results = {}
     # Ports stay below Linux's ephemeral range (32768 up), so no outgoing connection holds one.
     base = 20000
@@ -278,7 +282,7 @@ def main():
     print()
     print("membership beside Serf (LAN profile), loopback, one run; ratio = grapevine / serf")
     for s in systems[1:]:
-        print(f"\n{s.label} (gossip interval {s.interval}):")
+        print(f"\n{s.label} (default settings, {s.regions} region(s)):")
         print(f"  {'metric':<46} {'N':>3} {'grapevine':>12} {'serf':>12} {'ratio':>7}")
         for title, key, unit in rows:
             for n in sizes:

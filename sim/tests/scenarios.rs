@@ -38,6 +38,8 @@ fn a_split_is_seen_on_both_sides_and_heals_by_itself() {
     assert_eq!(split.observers, 8);
     let seen = split.all_s.expect("every agent saw the other side unreachable during the split");
     assert!(seen < 20.0, "took {seen} s");
+    // A cut between regions makes the other side unreachable, never dead.
+    assert_eq!(r.false_positives, 0, "{:?}", r.false_positive_examples);
     let heal = r.events.iter().find(|e| e.action == "heal").unwrap();
     let healed = heal.all_s.expect("every agent saw every node alive after the heal");
     assert!(healed < 15.0, "took {healed} s");

@@ -25,6 +25,15 @@ fn five_agents_converge_then_see_a_crash_and_a_leave() {
     let status = agents[4].get("/v1/status");
     assert_eq!(status["cluster"]["alive"], 5);
     assert_eq!(status["cluster"]["regions"], json!(["us-east", "us-west"]));
+    // Each region's first two members by id are its gateways; a member of either region sees
+    // both regions' gateways, and the other region as reachable.
+    wait_until("us-west sees us-east's gateways", CONVERGE, || {
+        let s = agents[4].get("/v1/status");
+        s["cluster"]["region_info"]["us-east"] == json!({"gateways": ["n-1", "n-2"], "reachable": true})
+            && s["cluster"]["region_info"]["us-west"]["gateways"] == json!(["w-1", "w-2"])
+    });
+    assert_eq!(agents[0].get("/v1/status")["node"]["role"], "gateway");
+    assert_eq!(agents[2].get("/v1/status")["node"]["role"], "member");
 
     // kill -9: every survivor marks it dead.
     let crashed = agents.remove(1);
@@ -32,6 +41,10 @@ fn five_agents_converge_then_see_a_crash_and_a_leave() {
     drop(crashed);
     wait_until("every survivor marks the crashed agent dead", CONVERGE, || {
         agents.iter().all(|a| a.state_of(&crashed_id).as_deref() == Some("dead"))
+    });
+    // It was a gateway: the next member by id takes its place, and the other region hears it.
+    wait_until("us-west sees the new us-east gateway", CONVERGE, || {
+        agents[3].get("/v1/status")["cluster"]["region_info"]["us-east"]["gateways"] == json!(["n-1", "n-3"])
     });
 
     // SIGTERM: the others see `left`, not a failure, and it exits 0.

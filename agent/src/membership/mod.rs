@@ -494,9 +494,14 @@ async fn sync_pool_addrs(shared: Arc<Shared>) {
 async fn snapshot_loop(shared: Arc<Shared>) {
     let config = &shared.config;
     let me = config.local.id.clone();
-    let mut last_fingerprint = Vec::new();
+    let mut last_fingerprint = 0u64;
     let mut last_build = Instant::now();
     let mut epoch = 0u64;
+    // Parsed records, reused until their node's state version changes: parsing every member's
+    // JSON ten times a second would dominate the cost of a large cluster.
+    let mut local_cache: HashMap<ChitchatId, (u64, Option<MemberRecord>)> = HashMap::new();
+    type Remote = (BTreeMap<String, RegionInfo>, Vec<MemberView>);
+    let mut remote_cache: Option<((ChitchatId, u64), Remote)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -505,10 +510,11 @@ async fn snapshot_loop(shared: Arc<Shared>) {
         let view = shared.swim.view();
         let suspects = view.values().filter(|(_, s)| *s == SwimState::Suspect).count();
         shared.metrics.suspects.set(suspects as i64);
-        let (mut records, mut fingerprint, remote) = {
+        let (mut records, fingerprint, remote) = {
             let c = shared.region.lock().await;
             let mut records = Vec::new();
-            let mut fingerprint: Vec<(String, u64, u64, u8)> = Vec::new();
+            // What the snapshot depends on, hashed (node states come in a fixed order).
+            let mut fingerprint = xxhash_rust::xxh3::Xxh3::new();
             for (id, state) in c.node_states() {
                 let liveness = if *id.node_id == *me {
                     if id.generation_id != config.generation {
@@ -532,11 +538,20 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 if state.get(KEY_REGION) != Some(config.local.region.as_str()) {
                     continue;
                 }
-                if let Some(r) = record(id, state, liveness) {
-                    fingerprint.push((r.id.clone(), r.generation, state.max_version(), liveness as u8));
-                    records.push(r);
+                let version = state.max_version();
+                let cached = local_cache.entry(id.clone()).or_insert((u64::MAX, None));
+                if cached.0 != version {
+                    *cached = (version, record(id, state, Liveness::Alive));
+                }
+                if let Some(r) = &cached.1 {
+                    fingerprint.update(r.id.as_bytes());
+                    fingerprint.update(&[0, liveness as u8]);
+                    fingerprint.update(&r.generation.to_le_bytes());
+                    fingerprint.update(&version.to_le_bytes());
+                    records.push(MemberRecord { liveness, ..r.clone() });
                 }
             }
+            local_cache.retain(|id, _| c.node_states().contains_key(id));
             let gateways = elect_gateways(&records, config.gossip.gateways_per_region);
             // The other regions, as copied in by one of our gateways: the first elected one that
             // has done so, else any live member that has.
@@ -552,38 +567,45 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 .collect();
             sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
             let remote = sources.first().map(|(id, s)| {
-                fingerprint.push((format!("~{}", id.node_id), id.generation_id, s.max_version(), 0));
-                let reach: BTreeMap<String, RegionInfo> =
-                    s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-                let members: Vec<MemberView> = s
-                    .iter_prefix(REMOTE_PREFIX)
-                    .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
-                    .collect();
-                (reach, members)
+                fingerprint.update(b"~");
+                fingerprint.update(id.node_id.as_bytes());
+                fingerprint.update(&id.generation_id.to_le_bytes());
+                fingerprint.update(&s.max_version().to_le_bytes());
+                let key = ((*id).clone(), s.max_version());
+                if remote_cache.as_ref().is_none_or(|(k, _)| *k != key) {
+                    let reach: BTreeMap<String, RegionInfo> =
+                        s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+                    let members: Vec<MemberView> = s
+                        .iter_prefix(REMOTE_PREFIX)
+                        .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
+                        .collect();
+                    remote_cache = Some((key, (reach, members)));
+                }
             });
-            fingerprint.push((gateways.join(","), 0, 0, 0));
-            (records, fingerprint, (gateways, remote))
+            fingerprint.update(gateways.join(",").as_bytes());
+            (records, fingerprint.digest(), (gateways, remote))
         };
         let (gateways, remote) = remote;
+        if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
+            continue;
+        }
         let mut region_info: BTreeMap<String, RegionInfo> = BTreeMap::new();
         region_info.insert(config.local.region.clone(), RegionInfo { gateways: gateways.clone(), reachable: true });
-        if let Some((reach, members)) = remote {
+        if remote.is_some()
+            && let Some((_, (reach, members))) = &remote_cache
+        {
             for m in members {
                 if m.region == config.local.region {
                     continue;
                 }
                 let reachable = reach.get(&m.region).is_some_and(|r| r.reachable);
-                records.push(remote_record(m, reachable));
+                records.push(remote_record(m.clone(), reachable));
             }
             for (region, info) in reach {
-                if region != config.local.region {
-                    region_info.insert(region, info);
+                if *region != config.local.region {
+                    region_info.insert(region.clone(), info.clone());
                 }
             }
-        }
-        fingerprint.sort();
-        if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
-            continue;
         }
         last_fingerprint = fingerprint;
         last_build = now;
@@ -842,6 +864,59 @@ async fn ping_loop(wire: Arc<Wire>, snapshots: watch::Receiver<Arc<Snapshot>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rec(id: &str, liveness: Liveness, lifecycle: Lifecycle) -> MemberRecord {
+        MemberRecord {
+            id: id.into(),
+            generation: 1,
+            region: "east".into(),
+            zone: "east-a".into(),
+            gossip_addr: "10.0.0.1:7946".parse().unwrap(),
+            data_addr: None,
+            version: String::new(),
+            liveness,
+            lifecycle,
+            services: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn gateways_are_the_first_live_active_members_by_id() {
+        let records = vec![
+            rec("c", Liveness::Alive, Lifecycle::Active),
+            rec("a", Liveness::Dead, Lifecycle::Active),
+            rec("b", Liveness::Suspect, Lifecycle::Active),
+            rec("aa", Liveness::Alive, Lifecycle::Draining),
+            rec("d", Liveness::Alive, Lifecycle::Active),
+        ];
+        assert_eq!(elect_gateways(&records, 2), ["b", "c"]);
+        let mut shuffled = records.clone();
+        shuffled.reverse();
+        assert_eq!(elect_gateways(&shuffled, 2), ["b", "c"], "order of arrival does not matter");
+        assert_eq!(elect_gateways(&records, 5), ["b", "c", "d"]);
+    }
+
+    #[test]
+    fn another_regions_member_is_unreachable_not_dead_in_a_cut() {
+        let view = |state| MemberView {
+            id: "w-1".into(),
+            region: "west".into(),
+            zone: "west-a".into(),
+            gossip_addr: "10.0.1.1:7946".parse().unwrap(),
+            data_addr: None,
+            state,
+            generation: 3,
+            version: String::new(),
+            draining: false,
+            services: Vec::new(),
+            rtt_ms: None,
+        };
+        assert_eq!(remote_record(view(MemberState::Alive), true).liveness, Liveness::Alive);
+        assert_eq!(remote_record(view(MemberState::Alive), false).liveness, Liveness::Unreachable);
+        assert_eq!(remote_record(view(MemberState::Dead), true).liveness, Liveness::Dead);
+        let left = remote_record(view(MemberState::Left), false);
+        assert_eq!(left.lifecycle, Lifecycle::Left, "a clean leave stays a leave");
+    }
 
     #[test]
     fn event_origin_is_the_id_prefix() {
