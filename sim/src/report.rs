@@ -207,6 +207,17 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     gateway_replaced_s: None,
                 });
             }
+            "unhealthy" | "healthy" => {
+                let want = a.action == "healthy";
+                let subject = a.nodes.first().cloned().unwrap_or_default();
+                let mut seen: BTreeMap<String, f64> = BTreeMap::new();
+                for (t, o, s, h) in &rec.health {
+                    if *t >= a.t && *t <= until && *s == subject && *h == want && a.observers.contains(o) {
+                        seen.entry(o.clone()).or_insert(t - a.t);
+                    }
+                }
+                figure(if want { "healthy" } else { "unhealthy" }, vec![seen], a.observers.len());
+            }
             "heal" | "loss" => {
                 let done = first_complete_after(rec, a.t).filter(|s| a.t + s <= until);
                 let observers = a.observers.len();

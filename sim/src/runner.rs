@@ -88,6 +88,9 @@ pub struct Recording {
     pub sessions_moved: Vec<(usize, f64, f64)>,
     /// (t, running nodes, bytes sent so far by each layer in [`LAYERS`] order), every sample.
     pub layer_bytes: Vec<(f64, usize, Vec<u64>)>,
+    /// (t, observer, subject, whether the observer sees the subject's `web` instance healthy),
+    /// recorded when it changes.
+    pub health: Vec<(f64, String, String, bool)>,
     /// (t, region, its gateways as another region sees them), recorded when they change.
     pub gateways: Vec<(f64, String, Vec<String>)>,
     pub total_bytes: u64,
@@ -97,6 +100,11 @@ pub struct Recording {
     pub node_seconds: f64,
     pub max_nodes: usize,
     pub wall_seconds: f64,
+}
+
+/// The one service every simulated node fronts.
+fn web_service(healthy: bool) -> ServiceRecord {
+    ServiceRecord { name: "web".into(), port: 3000, weight: 100, healthy, load: 0, pinned: false, draining: false }
 }
 
 /// The membership layers whose sent bytes are counted apart.
@@ -154,16 +162,7 @@ impl World {
         };
         let events = Arc::new(EventHub::new(metrics.clone(), 512, Duration::from_secs(60), 0));
         let m = Arc::new(Membership::start(config, wire, events, metrics).await?);
-        m.set_services(&[ServiceRecord {
-            name: "web".into(),
-            port: 3000,
-            weight: 100,
-            healthy: true,
-            load: 0,
-            pinned: false,
-            draining: false,
-        }])
-        .await;
+        m.set_services(&[web_service(true)]).await;
         node.membership = Some(m);
         node.up = true;
         node.left = false;
@@ -354,6 +353,14 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
                 applied.detail = format!("{} {} {}", names(&a), if e.one_way { "->" } else { "<->" }, names(&b));
             }
             "heal" => w.net.heal(),
+            "unhealthy" | "healthy" => {
+                let i = w.index(e.node.as_deref().unwrap_or_default())?;
+                if let Some(m) = &w.nodes[i].membership {
+                    m.set_services(&[web_service(e.action == "healthy")]).await;
+                }
+                applied.nodes.push(w.nodes[i].id.clone());
+                applied.detail = w.nodes[i].id.clone();
+            }
             "loss" => {
                 let rate = e.rate.unwrap_or(0.0);
                 w.net.set_loss(rate);
@@ -458,6 +465,11 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
     };
     let keys: Vec<String> = (0..keys).map(|k| format!("session-{k}")).collect();
     let mut views: BTreeMap<String, BTreeMap<String, (MemberState, u64)>> = BTreeMap::new();
+    let mut health_views: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::new();
+    // Each observer's snapshot at the last sample: an unchanged one has no transitions.
+    let mut last_snaps: std::collections::HashMap<usize, Arc<Snapshot>> = std::collections::HashMap::new();
+    type Choices = Vec<Option<String>>;
+    let mut route_cache: std::collections::HashMap<usize, (Arc<Snapshot>, Choices)> = std::collections::HashMap::new();
     let mut last_traffic = (0.0, 0u64, 0u64);
     let mut tick = tokio::time::interval(sample);
     let mut since_agreement = Duration::ZERO;
@@ -474,9 +486,24 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
         let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
         r.max_nodes = r.max_nodes.max(up.len());
         r.node_seconds += up.len() as f64 * sample.as_secs_f64();
+        let by_id: std::collections::HashMap<&str, usize> =
+            w.nodes.iter().enumerate().map(|(i, n)| (n.id.as_str(), i)).collect();
         // State changes per observer.
         for (i, snap) in &snaps {
+            if last_snaps.get(i).is_some_and(|last| Arc::ptr_eq(last, snap)) {
+                continue;
+            }
+            last_snaps.insert(*i, snap.clone());
             let observer = &w.nodes[*i];
+            let health = health_views.entry(observer.id.clone()).or_default();
+            for m in &snap.members {
+                if let Some(web) = m.services.iter().find(|s| s.name == "web")
+                    && health.get(&m.id) != Some(&web.healthy)
+                {
+                    health.insert(m.id.clone(), web.healthy);
+                    r.health.push((t, observer.id.clone(), m.id.clone(), web.healthy));
+                }
+            }
             let view = views.entry(observer.id.clone()).or_default();
             let mut now: BTreeMap<String, (MemberState, u64)> = BTreeMap::new();
             for m in &snap.members {
@@ -486,7 +513,7 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
             }
             for (id, (state, generation)) in &now {
                 if view.get(id) != Some(&(*state, *generation)) {
-                    let subject = w.nodes.iter().find(|n| &n.id == id);
+                    let subject = by_id.get(id.as_str()).map(|&k| &w.nodes[k]);
                     // Only the incarnation that is running counts: an old generation dying
                     // after a restart is not a false alarm.
                     let ok = subject.is_some_and(|s| {
@@ -507,30 +534,43 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
             }
             *view = now;
         }
-        // Members seen alive, per region, and whether every view is complete.
+        // Members seen alive, per region, and whether every view is complete: one pass over
+        // each snapshot.
+        let nregions = w.regions.len();
+        let region_index: std::collections::HashMap<&str, usize> =
+            w.regions.iter().enumerate().map(|(k, r)| (r.as_str(), k)).collect();
+        let mut running = vec![0usize; nregions];
+        for &i in &up {
+            running[w.nodes[i].region] += 1;
+        }
+        // sums[from][of]: members of `of` seen up, summed over observers in `from`, and observers.
+        let mut sums = vec![vec![(0usize, 0usize); nregions]; nregions];
         let mut complete = true;
-        for (ri, region) in w.regions.iter().enumerate() {
-            let actual = up.iter().filter(|&&i| w.nodes[i].region == ri).count();
-            let mut sums = vec![(0usize, 0usize); w.regions.len()];
-            for (i, snap) in &snaps {
-                let seen = snap.members.iter().filter(|m| m.region == *region && m.state.is_up()).count();
-                let from = &mut sums[w.nodes[*i].region];
-                from.0 += seen;
-                from.1 += 1;
-                let expected: usize = up.iter().filter(|&&j| w.nodes[j].region == ri && j != *i).count()
-                    + usize::from(w.nodes[*i].region == ri);
-                let seen_up = snap
-                    .members
-                    .iter()
-                    .filter(|m| m.region == *region && m.state.is_up() && up_ids.contains(m.id.as_str()))
-                    .count();
-                if seen_up < expected {
+        for (i, snap) in &snaps {
+            let mut seen = vec![0usize; nregions];
+            let mut seen_running = vec![0usize; nregions];
+            for m in snap.members.iter().filter(|m| m.state.is_up()) {
+                if let Some(&k) = region_index.get(m.region.as_str()) {
+                    seen[k] += 1;
+                    if up_ids.contains(m.id.as_str()) {
+                        seen_running[k] += 1;
+                    }
+                }
+            }
+            let from = w.nodes[*i].region;
+            for k in 0..nregions {
+                sums[from][k].0 += seen[k];
+                sums[from][k].1 += 1;
+                if seen_running[k] < running[k] {
                     complete = false;
                 }
             }
-            for (fi, (sum, n)) in sums.iter().enumerate() {
-                if *n > 0 {
-                    r.seen_alive.push((t, w.regions[fi].clone(), region.clone(), *sum as f64 / *n as f64, actual));
+        }
+        for (ri, region) in w.regions.iter().enumerate() {
+            for (fi, from) in sums.iter().enumerate() {
+                let (sum, n) = from[ri];
+                if n > 0 {
+                    r.seen_alive.push((t, w.regions[fi].clone(), region.clone(), sum as f64 / n as f64, running[ri]));
                 }
             }
         }
@@ -563,23 +603,34 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
         since_agreement += sample;
         if since_agreement >= Duration::from_secs(1) {
             since_agreement = Duration::ZERO;
-            for (ri, region) in w.regions.iter().enumerate() {
-                let members: Vec<&Arc<Snapshot>> =
-                    snaps.iter().filter(|(i, _)| w.nodes[*i].region == ri).map(|(_, s)| s).collect();
-                if members.is_empty() {
-                    continue;
-                }
-                let agreed = keys
-                    .iter()
-                    .filter(|k| {
-                        let mut chosen = members.iter().map(|s| {
-                            routing::route(s, "web", Some(k.as_str()), &mut |_| 0)
+            // Each agent's choices, recomputed only when its snapshot changed.
+            for (i, snap) in &snaps {
+                if route_cache.get(i).is_none_or(|(s, _)| !Arc::ptr_eq(s, snap)) {
+                    let chosen = keys
+                        .iter()
+                        .map(|k| {
+                            routing::route(snap, "web", Some(k.as_str()), &mut |_| 0)
                                 .ok()
                                 .and_then(|r| r.chosen)
                                 .map(|c| c.node)
-                        });
-                        let first = chosen.next().flatten();
-                        first.is_some() && chosen.all(|c| c == first)
+                        })
+                        .collect();
+                    route_cache.insert(*i, (snap.clone(), chosen));
+                }
+            }
+            for (ri, region) in w.regions.iter().enumerate() {
+                let members: Vec<&Vec<Option<String>>> = snaps
+                    .iter()
+                    .filter(|(i, _)| w.nodes[*i].region == ri)
+                    .filter_map(|(i, _)| route_cache.get(i).map(|(_, c)| c))
+                    .collect();
+                if members.is_empty() {
+                    continue;
+                }
+                let agreed = (0..keys.len())
+                    .filter(|&k| {
+                        let first = &members[0][k];
+                        first.is_some() && members.iter().all(|c| &c[k] == first)
                     })
                     .count();
                 r.ring_agreement.push((t, region.clone(), agreed as f64 / keys.len() as f64));

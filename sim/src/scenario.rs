@@ -70,9 +70,9 @@ pub struct PairSpec {
 #[serde(deny_unknown_fields)]
 pub struct EventSpec {
     pub at: String,
-    /// `crash`, `restart`, `leave`, `join`, `partition`, `heal`, `loss`.
+    /// `crash`, `restart`, `leave`, `join`, `partition`, `heal`, `loss`, `unhealthy`, `healthy`.
     pub action: String,
-    /// A node id (`crash`, `restart`, `leave`), such as `us-east-3`.
+    /// A node id (`crash`, `restart`, `leave`, `unhealthy`, `healthy`), such as `us-east-3`.
     #[serde(default)]
     pub node: Option<String>,
     /// Region for `join` (new nodes) and `crash` of a whole region.
@@ -112,7 +112,7 @@ impl Scenario {
         for e in &self.events {
             parse_duration("event.at", &e.at)?;
             match e.action.as_str() {
-                "crash" | "restart" | "leave" => {
+                "crash" | "restart" | "leave" | "unhealthy" | "healthy" => {
                     if e.node.is_none() && !(e.action == "crash" && e.region.is_some()) {
                         bail!("event {} at {} needs node = \"REGION-N\"", e.action, e.at);
                     }
@@ -133,7 +133,7 @@ impl Scenario {
                         bail!("event loss at {} needs rate from 0 to 1", e.at);
                     }
                 }
-                other => bail!("unknown event action {other:?}: crash, restart, leave, join, partition, heal, loss"),
+                other => bail!("unknown event action {other:?}: crash, restart, leave, join, partition, heal, loss, unhealthy, healthy"),
             }
         }
         Ok(())

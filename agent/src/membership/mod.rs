@@ -488,14 +488,15 @@ async fn sync_pool_addrs(shared: Arc<Shared>) {
     }
 }
 
-/// Rebuilds the snapshot from the region pool, SWIM's verdicts and the gateway's copy of the
-/// other regions, whenever any of them changes (checked every 100 ms), and at least every 5 s
-/// so measured RTTs show.
+/// Rebuilds the snapshot from the region pool, SWIM's verdicts, the gateway's copy of the
+/// other regions and measured RTTs, whenever any of them changes (checked every 100 ms).
 async fn snapshot_loop(shared: Arc<Shared>) {
     let config = &shared.config;
     let me = config.local.id.clone();
     let mut last_fingerprint = 0u64;
-    let mut last_build = Instant::now();
+    let started = Instant::now();
+    // (RTT table version, other regions nearest first), recomputed when a measurement arrives.
+    let mut rtt_order: (u64, String) = (u64::MAX, String::new());
     let mut epoch = 0u64;
     // Parsed records, reused until their node's state version changes: parsing every member's
     // JSON ten times a second would dominate the cost of a large cluster.
@@ -506,7 +507,6 @@ async fn snapshot_loop(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = Instant::now();
         let view = shared.swim.view();
         let suspects = view.values().filter(|(_, s)| *s == SwimState::Suspect).count();
         shared.metrics.suspects.set(suspects as i64);
@@ -583,10 +583,30 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 }
             });
             fingerprint.update(gateways.join(",").as_bytes());
+            // RTTs matter to routing only through the order of regions (nearest first), so only
+            // that order triggers a rebuild; the figures themselves refresh every 30 s. Rebuilding
+            // on every jittery measurement would cost a large cluster dearly.
+            let rtt_version = shared.wire.rtt.version();
+            if rtt_order.0 != rtt_version {
+                let rtts = shared.wire.rtt.all();
+                let last = shared.snapshots.borrow().clone();
+                let mut nearest: BTreeMap<&str, f64> = BTreeMap::new();
+                for m in last.members.iter().filter(|m| m.region != config.local.region) {
+                    if let Some(ms) = rtts.get(&m.gossip_addr) {
+                        let e = nearest.entry(m.region.as_str()).or_insert(f64::INFINITY);
+                        *e = e.min(*ms);
+                    }
+                }
+                let mut order: Vec<(&str, f64)> = nearest.into_iter().collect();
+                order.sort_by(|a, b| a.1.total_cmp(&b.1));
+                rtt_order = (rtt_version, order.into_iter().map(|(r, _)| r).collect::<Vec<_>>().join(","));
+            }
+            fingerprint.update(rtt_order.1.as_bytes());
+            fingerprint.update(&(started.elapsed().as_secs() / 30).to_le_bytes());
             (records, fingerprint.digest(), (gateways, remote))
         };
         let (gateways, remote) = remote;
-        if fingerprint == last_fingerprint && now.duration_since(last_build) < Duration::from_secs(5) {
+        if fingerprint == last_fingerprint {
             continue;
         }
         let mut region_info: BTreeMap<String, RegionInfo> = BTreeMap::new();
@@ -608,7 +628,6 @@ async fn snapshot_loop(shared: Arc<Shared>) {
             }
         }
         last_fingerprint = fingerprint;
-        last_build = now;
         epoch += 1;
         let rtts = shared.wire.rtt.all();
         let mut snap = Snapshot::build(config.local.clone(), records, &|a| rtts.get(a).copied(), epoch);
@@ -667,6 +686,9 @@ async fn push_hint(shared: &Shared, hint: &Hint) {
 async fn hint_loop(shared: Arc<Shared>, mut direct: tokio::sync::mpsc::Receiver<transport::Inbound>) {
     const TRIES: u32 = 5;
     const SPACING: Duration = Duration::from_millis(300);
+    // One pull brings everything the peer knows that we do not, so a burst of hints (many
+    // members starting at once) needs few pulls: the rest find themselves satisfied.
+    const PULLS_PER_TICK: usize = 2;
     // Per node: the hint, tries left and when to try next.
     let mut pending: HashMap<String, (Hint, u32, Instant)> = HashMap::new();
     // Our latest hint, repeats left and when.
@@ -718,7 +740,7 @@ async fn hint_loop(shared: Arc<Shared>, mut direct: tokio::sync::mpsc::Receiver<
                 if have.is_some_and(|v| v >= hint.version) || *tries == 0 {
                     return false;
                 }
-                if *next <= now {
+                if *next <= now && pulls.len() < PULLS_PER_TICK {
                     *tries -= 1;
                     *next = now + SPACING;
                     pulls.push(hint.addr);

@@ -87,6 +87,8 @@ struct RttInner {
     pending: HashMap<u64, (SocketAddr, Instant)>,
     /// Smoothed RTT in milliseconds.
     rtt_ms: HashMap<SocketAddr, f64>,
+    /// Bumped on every new measurement.
+    version: u64,
 }
 
 impl RttTable {
@@ -113,12 +115,18 @@ impl RttTable {
                 None => sample,
             };
             s.rtt_ms.insert(to, smoothed);
+            s.version += 1;
         }
     }
 
     /// The smoothed RTT to `addr` in milliseconds, if measured.
     pub fn get(&self, addr: &SocketAddr) -> Option<f64> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).rtt_ms.get(addr).copied()
+    }
+
+    /// Changes whenever a measurement arrives.
+    pub fn version(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).version
     }
 
     pub fn all(&self) -> HashMap<SocketAddr, f64> {
