@@ -28,6 +28,9 @@ pub struct EventFigure {
     /// affected region, and the ideal share for this change.
     pub sessions_moved: Option<f64>,
     pub sessions_moved_ideal: Option<f64>,
+    /// For a crash: seconds until every agent of the crashed node's own region saw it dead.
+    #[serde(default)]
+    pub all_in_region_s: Option<f64>,
     /// For a crashed gateway: seconds until another region saw its region's gateways without
     /// it and back to full strength.
     #[serde(default)]
@@ -141,6 +144,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                 sessions_moved: None,
                 sessions_moved_ideal: None,
                 gateway_replaced_s: None,
+                all_in_region_s: None,
             });
         };
         match a.action.as_str() {
@@ -205,6 +209,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     sessions_moved: None,
                     sessions_moved_ideal: None,
                     gateway_replaced_s: None,
+                    all_in_region_s: None,
                 });
             }
             "unhealthy" | "healthy" => {
@@ -233,10 +238,31 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                     sessions_moved: None,
                     sessions_moved_ideal: None,
                     gateway_replaced_s: None,
+                    all_in_region_s: None,
                 });
             }
             _ => {}
         }
+    }
+
+    // Crashes: how long until every agent of the node's own region saw it dead.
+    for e in events.iter_mut().filter(|e| e.action == "crash") {
+        let Some(a) = rec.applied.iter().find(|a| a.t == e.t && a.action == "crash") else { continue };
+        let region_of =
+            |id: &str| rec.regions.iter().filter(|r| id.starts_with(&format!("{r}-"))).max_by_key(|r| r.len());
+        let mut worst: Option<f64> = Some(0.0);
+        for n in &a.nodes {
+            let region = region_of(n);
+            let peers: Vec<&String> = a.observers.iter().filter(|o| region_of(o) == region).collect();
+            let seen = seen_times(rec, a.t, n, &[MemberState::Dead], next_change(a));
+            for o in peers {
+                worst = match (worst, seen.get(o)) {
+                    (Some(w), Some(s)) => Some(w.max(*s)),
+                    _ => None,
+                };
+            }
+        }
+        e.all_in_region_s = worst.filter(|_| a.nodes.len() == 1);
     }
 
     // Crashed gateways: how long until their region had a full set of gateways without them.
@@ -244,7 +270,7 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
         let Some(a) = rec.applied.iter().find(|a| a.t == e.t && a.action == "crash") else { continue };
         for n in &a.nodes {
             let Some(region) = rec.regions.iter().find(|r| n.starts_with(&format!("{r}-"))) else { continue };
-            let before = rec.gateways.iter().filter(|(t, r, _)| *t <= e.t && r == region).last();
+            let before = rec.gateways.iter().rfind(|(t, r, _)| *t <= e.t && r == region);
             let Some((_, _, was)) = before else { continue };
             if !was.contains(n) {
                 continue;
@@ -377,6 +403,10 @@ pub fn summary(r: &Report) -> String {
                     (Some(m), Some(i)) => format!("; sessions moved {:.1}% (ideal {:.1}%)", m * 100.0, i * 100.0),
                     _ => String::new(),
                 };
+                let moved = match e.all_in_region_s {
+                    Some(r) => format!("; by all of its region after {r:.2} s{moved}"),
+                    None => moved,
+                };
                 let moved = match e.gateway_replaced_s {
                     Some(g) => format!("{moved}; it was a gateway, replaced after {g:.2} s"),
                     None => moved,
@@ -406,9 +436,12 @@ pub fn summary(r: &Report) -> String {
         .collect();
     let _ = writeln!(out, "  ring agreement within each region, after the start converged: {}", agreement.join("; "));
     if let Some(idle) = r.idle_bytes_per_node_s {
-        let layers: Vec<String> =
-            r.idle_bytes_per_node_s_by_layer.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
-        let _ = writeln!(out, "  idle gossip per node (before the first event): {idle:.0} B/s; by layer: {}", layers.join(", "));
+        let layers: Vec<String> = r.idle_bytes_per_node_s_by_layer.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+        let _ = writeln!(
+            out,
+            "  idle gossip per node (before the first event): {idle:.0} B/s; by layer: {}",
+            layers.join(", ")
+        );
     }
     let _ = writeln!(
         out,

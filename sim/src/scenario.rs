@@ -133,7 +133,9 @@ impl Scenario {
                         bail!("event loss at {} needs rate from 0 to 1", e.at);
                     }
                 }
-                other => bail!("unknown event action {other:?}: crash, restart, leave, join, partition, heal, loss, unhealthy, healthy"),
+                other => bail!(
+                    "unknown event action {other:?}: crash, restart, leave, join, partition, heal, loss, unhealthy, healthy"
+                ),
             }
         }
         Ok(())

@@ -597,9 +597,12 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                         *e = e.min(*ms);
                     }
                 }
-                let mut order: Vec<(&str, f64)> = nearest.into_iter().collect();
-                order.sort_by(|a, b| a.1.total_cmp(&b.1));
-                rtt_order = (rtt_version, order.into_iter().map(|(r, _)| r).collect::<Vec<_>>().join(","));
+                // In steps of 25%: regions about as far away as each other do not swap places on
+                // every jittery sample.
+                let mut order: Vec<(i64, &str)> =
+                    nearest.into_iter().map(|(r, ms)| ((ms.max(0.01).ln() / 1.25f64.ln()).round() as i64, r)).collect();
+                order.sort();
+                rtt_order = (rtt_version, order.into_iter().map(|(_, r)| r).collect::<Vec<_>>().join(","));
             }
             fingerprint.update(rtt_order.1.as_bytes());
             fingerprint.update(&(started.elapsed().as_secs() / 30).to_le_bytes());
