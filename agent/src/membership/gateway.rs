@@ -200,17 +200,7 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
             .collect();
         let state = c.self_node_state();
         let before = state.max_version();
-        let stale: Vec<String> = state
-            .key_values()
-            .filter(|(k, _)| k.starts_with(SUMMARY_PREFIX) && !ours.contains_key(*k))
-            .map(|(k, _)| k.to_string())
-            .collect();
-        for k in stale {
-            state.delete(&k);
-        }
-        for (k, v) in ours {
-            state.set(k, v);
-        }
+        replace_prefixed(state, SUMMARY_PREFIX, ours);
         (state.max_version() != before, peers)
     };
     shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(peers.len() as i64 + 1);
@@ -309,20 +299,26 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
     let mut c = shared.region.lock().await;
     let state = c.self_node_state();
     let before = state.max_version();
+    replace_prefixed(state, REMOTE_PREFIX, remote);
+    state.set(KEY_REACH, serde_json::to_string(&reach).unwrap_or_default());
+    if state.max_version() != before {
+        shared.changed();
+    }
+}
+
+/// Makes the keys under `prefix` exactly `keys`: others under it are deleted; unchanged values
+/// keep their versions (chitchat's `set` ignores an equal value).
+fn replace_prefixed(state: &mut chitchat::NodeState, prefix: &str, keys: BTreeMap<String, String>) {
     let stale: Vec<String> = state
         .key_values()
-        .filter(|(k, _)| k.starts_with(REMOTE_PREFIX) && !remote.contains_key(*k))
+        .filter(|(k, _)| k.starts_with(prefix) && !keys.contains_key(*k))
         .map(|(k, _)| k.to_string())
         .collect();
     for k in stale {
         state.delete(&k);
     }
-    for (k, v) in remote {
+    for (k, v) in keys {
         state.set(k, v);
-    }
-    state.set(KEY_REACH, serde_json::to_string(&reach).unwrap_or_default());
-    if state.max_version() != before {
-        shared.changed();
     }
 }
 
