@@ -202,18 +202,8 @@ backend be_bulk
             print(f"  {c.name} ...", file=sys.stderr, flush=True)
             r = {}
             wrk(c.port, 1, 1)  # warm up: connections, handshakes
-            r["p50_c1"], r["p99_c1"], _, _, _ = wrk(c.port, 1, args.seconds)
-            t0 = cpu_ticks(c.pids) if c.pids else 0
-            r["p50_c64"], r["p99_c64"], r["rps"], total, r["errors"] = wrk(c.port, 64, args.seconds)
-            r["cpu_us"] = (cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0
-            e0 = udp_rcv_errors()
-            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
-            try:
-                import json
-                r["gbit"] = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
-            except (ValueError, KeyError):
-                r["gbit"] = None
-            r["udp_errors"] = udp_rcv_errors() - e0
+            # Idle connections first, on proxies that have only been warmed up: after bulk and
+            # saturation runs, their heaps have room to spare and the figure would read low.
             if c.pids and args.idle:
                 before = rss_kb(c.pids)
                 socks = []
@@ -230,6 +220,18 @@ backend be_bulk
                 for s in socks:
                     s.close()
                 time.sleep(2)
+            r["p50_c1"], r["p99_c1"], _, _, _ = wrk(c.port, 1, args.seconds)
+            t0 = cpu_ticks(c.pids) if c.pids else 0
+            r["p50_c64"], r["p99_c64"], r["rps"], total, r["errors"] = wrk(c.port, 64, args.seconds)
+            r["cpu_us"] = (cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0
+            e0 = udp_rcv_errors()
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
+            try:
+                import json
+                r["gbit"] = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+            except (ValueError, KeyError):
+                r["gbit"] = None
+            r["udp_errors"] = udp_rcv_errors() - e0
             results[c.name] = r
 
         d, g, h = results["direct"], results["grapevine"], results["haproxy"]

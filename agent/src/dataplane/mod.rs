@@ -317,12 +317,14 @@ impl DataPlane {
             };
             let dp = self.clone();
             let peer = peer.clone();
+            // Header checks hold more state than the splice that follows: an admitted stream
+            // gets a task of its own holding only the splice, so an idle one costs no more.
             tokio::spawn(async move {
-                // Boxed: header checks hold more state than the splice that follows, and an
-                // idle forwarded connection would keep that space for its whole life.
-                if let Some((app, send, recv, guard)) = Box::pin(dp.admit_stream(send, recv, &peer)).await {
-                    splice_quic(app, send, recv).await;
-                    drop(guard);
+                if let Some((app, send, recv, guard)) = dp.admit_stream(send, recv, &peer).await {
+                    tokio::spawn(async move {
+                        splice_quic(app, send, recv).await;
+                        drop(guard);
+                    });
                 }
             });
         }
@@ -528,9 +530,11 @@ impl DataPlane {
 }
 
 /// Splices a TCP connection and a QUIC stream both ways, with half-close, holding no buffer
-/// while idle: QUIC data arrives as chunks quinn already owns, and the TCP side's buffer is
-/// allocated on its first readable event. An idle forwarded connection so costs its task and
-/// stream state, not two 8 KiB copy buffers on each agent.
+/// while idle: QUIC data arrives as chunks quinn already owns, and TCP data is read into a
+/// fresh chunk only when the socket has some, which quinn then owns until the peer acks it.
+/// Readiness can be spurious (a first epoll event, a wake-up whose data another read took), so
+/// a read that finds nothing drops its chunk. An idle forwarded connection so costs its task
+/// and stream state, not two 8 KiB copy buffers on each agent.
 pub async fn splice_quic(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let (tcp_r, mut tcp_w) = tcp.into_split();
     let quic_to_tcp = async {
@@ -543,18 +547,17 @@ pub async fn splice_quic(tcp: TcpStream, mut send: quinn::SendStream, mut recv: 
         let _ = tcp_w.shutdown().await;
     };
     let tcp_to_quic = async {
-        let mut buf: Vec<u8> = Vec::new();
         loop {
             if tcp_r.readable().await.is_err() {
                 break;
             }
-            if buf.is_empty() {
-                buf = vec![0u8; 32 * 1024];
-            }
-            match tcp_r.try_read(&mut buf) {
+            let mut chunk = bytes::BytesMut::with_capacity(READ_CHUNK);
+            match tcp_r.try_read_buf(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => {
-                    if send.write_all(&buf[..n]).await.is_err() {
+                    // A small read would pin the whole chunk in quinn's send buffer until acked.
+                    let data = if n < READ_CHUNK / 8 { bytes::Bytes::copy_from_slice(&chunk) } else { chunk.freeze() };
+                    if send.write_chunk(data).await.is_err() {
                         return;
                     }
                 }
@@ -571,6 +574,9 @@ pub async fn splice_quic(tcp: TcpStream, mut send: quinn::SendStream, mut recv: 
     };
     tokio::join!(quic_to_tcp, tcp_to_quic);
 }
+
+/// How much one read from a TCP socket into a QUIC stream takes at most.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// The UDP socket buffer the data plane asks for: Debian's default 208 KiB drops packets in bulk.
 const UDP_BUFFER: usize = 4 << 20;

@@ -20,17 +20,19 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
         };
         let _ = client.set_nodelay(true);
         let (dp, service) = (dp.clone(), service.clone());
+        // The connecting task holds the routing and retry state; the forwarded connection then
+        // gets a task of its own holding only the splice, so an idle one costs no more.
         tokio::spawn(async move {
-            // Boxed: the routing and retry state is large and only needed until the connection
-            // is made; kept inline, every idle forwarded connection would hold it.
             match Box::pin(dp.connect(&service, None, Some(peer))).await {
                 Ok(fwd) => match fwd.stream {
                     BackendStream::Quic(q) => {
                         let (recv, send) = q.into_inner();
-                        splice_quic(client, send, recv).await;
+                        tokio::spawn(splice_quic(client, send, recv));
                     }
                     BackendStream::Tcp(mut app) => {
-                        let _ = splice(&mut client, &mut app).await;
+                        tokio::spawn(async move {
+                            let _ = splice(&mut client, &mut app).await;
+                        });
                     }
                 },
                 Err(e) => {
