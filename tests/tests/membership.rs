@@ -114,13 +114,12 @@ fn random_and_oversized_datagrams_change_nothing() {
             *b = x as u8;
         }
         if i % 3 == 0 && len > 2 {
-            buf[0] = 0x47; // looks like our envelope
-            buf[1] = 0x01;
+            buf[0] = 0xA2; // looks like our envelope's version byte
         }
         let _ = sock.send_to(&buf, target);
     }
     // The largest datagram UDP can carry (65,507 bytes over IPv4).
-    let _ = sock.send_to(&vec![0x47u8; 65_507], target);
+    let _ = sock.send_to(&vec![0xA2u8; 65_507], target);
     wait_until("the garbage is counted", CONVERGE, || {
         let dropped = agents[0].metric("grapevine_gossip_dropped_total", "reason");
         dropped >= 700.0
