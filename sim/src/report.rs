@@ -69,6 +69,13 @@ pub struct Report {
     /// until the first event (or the end), the mean of the samples. None if there is no such span.
     #[serde(default)]
     pub idle_bytes_per_node_s: Option<f64>,
+    /// The same with each datagram's IPv4 and UDP headers (28 bytes), as a capture on the wire
+    /// (and Serf's figure in bench-membership) counts them.
+    #[serde(default)]
+    pub idle_wire_bytes_per_node_s: Option<f64>,
+    /// Idle datagrams per node per second, over the same span.
+    #[serde(default)]
+    pub idle_datagrams_per_node_s: Option<f64>,
     /// The same, by membership layer (region pool, swim, wan, ping, join).
     #[serde(default)]
     pub bytes_per_node_s_by_layer: BTreeMap<String, f64>,
@@ -357,16 +364,24 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                 _ => BTreeMap::new(),
             }
         },
-        idle_bytes_per_node_s: {
-            let from = converged_at + 10.0;
-            let to = rec.applied.iter().map(|a| a.t).fold(simulated_s, f64::min);
-            let idle: Vec<f64> =
-                rec.traffic.iter().filter(|(t, _, _)| *t > from && *t <= to).map(|(_, b, _)| *b).collect();
-            (!idle.is_empty()).then(|| idle.iter().sum::<f64>() / idle.len() as f64)
-        },
+        idle_bytes_per_node_s: idle_mean(rec, converged_at, simulated_s, |(_, b, _)| *b),
+        idle_datagrams_per_node_s: idle_mean(rec, converged_at, simulated_s, |(_, _, d)| *d),
+        idle_wire_bytes_per_node_s: idle_mean(rec, converged_at, simulated_s, |(_, b, d)| b + IP_UDP_HEADERS * d),
         bytes_per_node_s_by_layer: rec.bytes_by_layer.iter().map(|(k, v)| (k.clone(), *v as f64 / node_s)).collect(),
         datagrams_per_node_s: rec.total_datagrams as f64 / node_s,
     }
+}
+
+/// IPv4 (20) and UDP (8) header bytes per datagram.
+const IP_UDP_HEADERS: f64 = 28.0;
+
+/// The mean of a traffic sample's figure while nothing happens: from 10 s after the start
+/// converged until the first event (or the end). None if there is no such span.
+fn idle_mean(rec: &Recording, converged_at: f64, end: f64, f: impl Fn(&(f64, f64, f64)) -> f64) -> Option<f64> {
+    let from = converged_at + 10.0;
+    let to = rec.applied.iter().map(|a| a.t).fold(end, f64::min);
+    let idle: Vec<f64> = rec.traffic.iter().filter(|(t, _, _)| *t > from && *t <= to).map(f).collect();
+    (!idle.is_empty()).then(|| idle.iter().sum::<f64>() / idle.len() as f64)
 }
 
 fn secs(v: Option<f64>) -> String {
@@ -439,7 +454,9 @@ pub fn summary(r: &Report) -> String {
         let layers: Vec<String> = r.idle_bytes_per_node_s_by_layer.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
         let _ = writeln!(
             out,
-            "  idle gossip per node (before the first event): {idle:.0} B/s; by layer: {}",
+            "  idle gossip per node (before the first event): {idle:.0} B/s sealed, {:.0} B/s with IP/UDP headers, {:.1} datagrams/s; by layer: {}",
+            r.idle_wire_bytes_per_node_s.unwrap_or(0.0),
+            r.idle_datagrams_per_node_s.unwrap_or(0.0),
             layers.join(", ")
         );
     }
