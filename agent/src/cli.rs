@@ -181,7 +181,7 @@ pub struct RunArgs {
     /// Threads carrying gossip and traffic; more help a busy gateway, one keeps latency lowest [env: AGENT_WORKER_THREADS] [default: 1]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<String>,
-    /// Gossip round interval of the gateways' WAN pool [env: AGENT_GOSSIP_INTERVAL] [default: 1s]
+    /// Gossip round interval of the gateways' WAN pool [env: AGENT_GOSSIP_INTERVAL] [default: 2s]
     #[arg(long, value_name = "DURATION")]
     pub gossip_interval: Option<String>,
     /// WAN pool failure-detector (phi accrual) threshold [env: AGENT_PHI_THRESHOLD] [default: 8]
@@ -193,7 +193,7 @@ pub struct RunArgs {
     /// How often seeds and dead members are re-probed [env: AGENT_REPROBE_INTERVAL] [default: 5s]
     #[arg(long, value_name = "DURATION")]
     pub reprobe_interval: Option<String>,
-    /// Region pool anti-entropy round interval (changes travel by hints) [env: AGENT_ANTI_ENTROPY_INTERVAL] [default: 60s]
+    /// Region pool anti-entropy round interval (changes travel by hints) [env: AGENT_ANTI_ENTROPY_INTERVAL] [default: 90s]
     #[arg(long, value_name = "DURATION")]
     pub anti_entropy_interval: Option<String>,
     /// SWIM direct probe interval [env: AGENT_PROBE_INTERVAL] [default: 500ms]

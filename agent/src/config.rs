@@ -529,7 +529,7 @@ impl Layer {
     /// The gossip settings of this layer, defaults applied and validated.
     pub fn gossip_settings(&self) -> Result<GossipSettings, ConfigError> {
         let gossip = GossipSettings {
-            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "1s", ms(50), secs(60))?,
+            interval: duration_in("gossip_interval", self.gossip_interval.as_deref(), "2s", ms(50), secs(60))?,
             phi_threshold: float_in("phi_threshold", self.phi_threshold.as_deref(), 8.0, 1.0, 50.0)?,
             dead_node_grace: duration_in(
                 "dead_node_grace",
@@ -548,7 +548,7 @@ impl Layer {
             anti_entropy_interval: duration_in(
                 "anti_entropy_interval",
                 self.anti_entropy_interval.as_deref(),
-                "60s",
+                "90s",
                 ms(50),
                 secs(600),
             )?,

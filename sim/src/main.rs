@@ -29,6 +29,10 @@ enum Command {
         /// Repeat over this many seeds (seed, seed+1, ...) and report medians and spreads.
         #[arg(long, default_value_t = 1)]
         runs: u64,
+        /// An agent setting for this run, over the scenario's `[settings]`, such as
+        /// `--set probe_interval=1s` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
+        settings: Vec<(String, String)>,
     },
     /// Run a scenario's timeline on real `agent` processes in network namespaces (root only).
     Netns {
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run { scenario, seed, out, runs } => run_command(&scenario, seed, out, runs),
+        Command::Run { scenario, seed, out, runs, settings } => run_command(&scenario, seed, out, runs, &settings),
         Command::Netns { scenario, out, agent } => netns_command(&scenario, out, agent),
     }
 }
@@ -88,8 +92,26 @@ fn netns_command(path: &std::path::Path, out: Option<PathBuf>, agent: Option<Pat
     }
 }
 
-fn run_command(scenario: &std::path::Path, seed: Option<u64>, out: Option<PathBuf>, runs: u64) -> ExitCode {
-    let scenario = match scenario::Scenario::load(scenario) {
+fn parse_setting(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    Ok((k.trim().to_string(), v.trim().to_string()))
+}
+
+fn run_command(
+    scenario: &std::path::Path,
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+    runs: u64,
+    settings: &[(String, String)],
+) -> ExitCode {
+    let loaded = scenario::Scenario::load(scenario).and_then(|mut s| {
+        for (k, v) in settings {
+            s.settings.insert(k.clone(), toml::Value::String(v.clone()));
+        }
+        s.gossip_settings()?;
+        Ok(s)
+    });
+    let scenario = match loaded {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sim: {e:#}");
@@ -151,17 +173,26 @@ fn spreads(reports: &[report::Report]) -> String {
         stat(&mut reports.iter().filter_map(|r| r.initial_convergence_s).collect())
     );
     for (i, e) in reports[0].events.iter().enumerate() {
-        let mut all: Vec<f64> = reports.iter().filter_map(|r| r.events.get(i).and_then(|e| e.all_s)).collect();
-        let mut first: Vec<f64> = reports.iter().filter_map(|r| r.events.get(i).and_then(|e| e.first_s)).collect();
-        let _ = writeln!(
-            out,
+        let figure = |f: fn(&report::EventFigure) -> Option<f64>| -> Vec<f64> {
+            reports.iter().filter_map(|r| r.events.get(i).and_then(f)).collect()
+        };
+        let mut line = format!(
             "  t={:.0}s {} {}: first {} | all {}",
             e.t,
             e.action,
             e.detail,
-            stat(&mut first),
-            stat(&mut all)
+            stat(&mut figure(|e| e.first_s)),
+            stat(&mut figure(|e| e.all_s))
         );
+        let mut in_region = figure(|e| e.all_in_region_s);
+        if !in_region.is_empty() {
+            let _ = write!(line, " | all of its region {}", stat(&mut in_region));
+        }
+        let mut replaced = figure(|e| e.gateway_replaced_s);
+        if !replaced.is_empty() {
+            let _ = write!(line, " | gateway replaced {}", stat(&mut replaced));
+        }
+        let _ = writeln!(out, "{line}");
     }
     let _ =
         writeln!(out, "  false positives: {}", stat(&mut reports.iter().map(|r| r.false_positives as f64).collect()));
@@ -169,6 +200,11 @@ fn spreads(reports: &[report::Report]) -> String {
         out,
         "  bytes per node per second: {}",
         stat(&mut reports.iter().map(|r| r.bytes_per_node_s).collect())
+    );
+    let _ = writeln!(
+        out,
+        "  idle bytes per node per second, with IP/UDP headers: {}",
+        stat(&mut reports.iter().filter_map(|r| r.idle_wire_bytes_per_node_s).collect())
     );
     out
 }

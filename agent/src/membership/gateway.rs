@@ -31,6 +31,8 @@ use crate::metrics::KindLabel;
 
 /// On a gateway's WAN state: one member of its region.
 const SUMMARY_PREFIX: &str = "m:";
+/// On a gateway's WAN state: its region's gateways, as it sees them (comma-separated ids).
+const KEY_GATEWAYS: &str = "gw";
 
 /// Runs the gateway duties whenever this agent is elected, every 250 ms.
 pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
@@ -201,6 +203,9 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
         let state = c.self_node_state();
         let before = state.max_version();
         replace_prefixed(state, SUMMARY_PREFIX, ours);
+        if let Some(info) = snap.region_info.get(region) {
+            state.set(KEY_GATEWAYS, info.gateways.join(","));
+        }
         (state.max_version() != before, peers)
     };
     shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(peers.len() as i64 + 1);
@@ -251,8 +256,8 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
         let Some(pool) = wan.as_ref() else { return };
         let c = pool.chitchat.lock().await;
         let me = c.self_chitchat_id().clone();
-        // Per region: (fresh, gateway id, its state).
-        let mut by_region: BTreeMap<String, Vec<(bool, &ChitchatId)>> = BTreeMap::new();
+        // Per region: (fresh, gateway id, when its heartbeat last advanced).
+        let mut by_region: BTreeMap<String, Vec<(bool, &ChitchatId, Instant)>> = BTreeMap::new();
         for (id, state) in c.node_states() {
             if *id == me {
                 continue;
@@ -266,10 +271,26 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
             if let Some(r) = state.get(KEY_REGION)
                 && r != region
             {
-                by_region.entry(r.to_string()).or_default().push((fresh, id));
+                by_region.entry(r.to_string()).or_default().push((fresh, id, entry.1));
             }
         }
         heard.retain(|id, _| c.node_states().contains_key(id));
+        // A gateway that a fresher gateway of its own region no longer lists (it died, left or
+        // was demoted there) is stale at once, not only when its heartbeat has been silent for
+        // the whole window: the other regions switch to the live gateway's summaries as soon
+        // as it says so.
+        for gateways in by_region.values_mut() {
+            let lists: Vec<(Instant, Option<&str>)> =
+                gateways.iter().map(|g| (g.2, c.node_state(g.1).and_then(|s| s.get(KEY_GATEWAYS)))).collect();
+            for g in gateways.iter_mut() {
+                let dropped = lists
+                    .iter()
+                    .any(|(at, list)| *at > g.2 && list.is_some_and(|l| !l.split(',').any(|id| id == &*g.1.node_id)));
+                if dropped {
+                    g.0 = false;
+                }
+            }
+        }
         let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
         let mut remote: BTreeMap<String, String> = BTreeMap::new();
         for (r, mut gateways) in by_region {
@@ -286,7 +307,7 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
                 gateways.iter().filter(|g| g.0 || !reachable).map(|g| g.1.node_id.to_string()).collect();
             ids.dedup();
             reach.insert(r.clone(), RegionInfo { gateways: ids, reachable });
-            if let Some((_, source)) = gateways.first()
+            if let Some((_, source, _)) = gateways.first()
                 && let Some(state) = c.node_state(source)
             {
                 for (k, v) in state.iter_prefix(SUMMARY_PREFIX) {

@@ -4,7 +4,7 @@
 //!
 //! - **The region pool**: a chitchat instance (pinned at 0.11.0, whose message encoding is public
 //!   so our own sealed transport can carry it) holding only this region's members and their
-//!   state as key-values. Its anti-entropy round is slow (`anti_entropy_interval`, 60 s) because
+//!   state as key-values. Its anti-entropy round is slow (`anti_entropy_interval`, 90 s) because
 //!   changes travel by version hints.
 //! - **SWIM** ([`swim`], the `foca` crate) inside the region: who is alive, suspect or dead. Its
 //!   probes also carry version hints ("node X is at version v"); a member that is behind pulls
