@@ -166,3 +166,42 @@ async fn a_certificate_naming_another_member_is_refused() {
     };
     assert!(result);
 }
+
+#[tokio::test]
+async fn a_peer_may_hold_open_more_streams_than_its_first_credit() {
+    // Each held stream is a TCP connection to the echo app here, two descriptors in all.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let ca = Ca::generate("t").unwrap();
+    let creds = ca.credentials_for("client").unwrap();
+    let ep = client(&creds);
+    let s = server(&ca, "client", ep.local_addr().unwrap()).await;
+    let conn = ep.connect(s.server_addr, "server").unwrap().await.unwrap();
+    let h = StreamHeader {
+        version: header::VERSION,
+        service: "echo".into(),
+        target: "server".into(),
+        affinity_key: None,
+        client_addr: None,
+    };
+    // Without the receiver raising the credit, stream INITIAL_STREAMS + 1 would wait forever.
+    let n = tls::INITIAL_STREAMS as usize * 3 / 2;
+    let mut held = Vec::with_capacity(n);
+    let opened = tokio::time::timeout(Duration::from_secs(60), async {
+        while held.len() < n {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            header::write_header(&mut send, &h).await.unwrap();
+            assert_eq!(answer(&mut recv).await, Some(Answer::Accepted), "stream {}", held.len());
+            held.push((send, recv));
+        }
+    })
+    .await;
+    assert!(opened.is_ok(), "only {} of {n} streams were opened within 60 s", held.len());
+    // The first and the last still carry data both ways.
+    for i in [0, n - 1] {
+        let (send, recv) = &mut held[i];
+        send.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(&back, b"ping", "stream {i}");
+    }
+}

@@ -12,6 +12,7 @@
 pub mod header;
 pub mod ingress;
 pub mod pki;
+pub mod splice;
 pub mod tls;
 pub mod upstream;
 
@@ -125,7 +126,7 @@ struct Ejection {
 /// Counts open connections per local service; the count is the load this agent announces.
 #[derive(Debug, Default)]
 pub struct ActiveConnections {
-    per_service: Mutex<HashMap<String, u64>>,
+    per_service: Mutex<HashMap<Arc<str>, u64>>,
     total: AtomicU64,
 }
 
@@ -133,14 +134,17 @@ pub struct ActiveConnections {
 #[derive(Debug)]
 pub struct ActiveGuard {
     owner: Arc<ActiveConnections>,
-    service: String,
+    /// Shared with the map's key: a guard allocates nothing of its own.
+    service: Arc<str>,
 }
 
 impl ActiveConnections {
     pub fn enter(self: &Arc<Self>, service: &str) -> ActiveGuard {
-        *self.per_service.lock().unwrap_or_else(|e| e.into_inner()).entry(service.to_string()).or_default() += 1;
+        let mut per_service = self.per_service.lock().unwrap_or_else(|e| e.into_inner());
+        let key = per_service.keys().find(|k| ***k == *service).cloned().unwrap_or_else(|| Arc::from(service));
+        *per_service.entry(key.clone()).or_default() += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard { owner: self.clone(), service: service.to_string() }
+        ActiveGuard { owner: self.clone(), service: key }
     }
 
     pub fn of(&self, service: &str) -> u64 {
@@ -154,10 +158,31 @@ impl ActiveConnections {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if let Some(n) = self.owner.per_service.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.service) {
+        if let Some(n) = self.owner.per_service.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&*self.service) {
             *n = n.saturating_sub(1);
         }
         self.owner.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One stream a peer has open here; counted while it lives.
+#[derive(Debug)]
+struct StreamSlot {
+    count: Arc<AtomicU64>,
+    /// Streams open when this one was taken, itself included.
+    open: u64,
+}
+
+impl StreamSlot {
+    fn take(count: &Arc<AtomicU64>) -> StreamSlot {
+        let open = count.fetch_add(1, Ordering::Relaxed) + 1;
+        StreamSlot { count: count.clone(), open }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -310,21 +335,30 @@ impl DataPlane {
     }
 
     async fn accept_streams(self: &Arc<Self>, conn: quinn::Connection, peer: String) {
+        // Streams this peer has open here, for the stream credit (see `tls::INITIAL_STREAMS`).
+        let open = Arc::new(AtomicU64::new(0));
+        let mut limit = tls::INITIAL_STREAMS;
         loop {
             let (send, recv) = match conn.accept_bi().await {
                 Ok(s) => s,
                 Err(_) => return,
             };
+            let slot = StreamSlot::take(&open);
+            // A quarter of the credit left: raise it by a quarter of what is open, so that
+            // the peer never waits for credit and little stream state is set aside unused.
+            if slot.open + u64::from(tls::INITIAL_STREAMS / 4) > u64::from(limit) && limit < tls::MAX_STREAMS {
+                let wanted = slot.open + slot.open / 4 + u64::from(tls::INITIAL_STREAMS);
+                limit = u32::try_from(wanted).unwrap_or(u32::MAX).min(tls::MAX_STREAMS);
+                conn.set_max_concurrent_bi_streams(limit.into());
+                tracing::debug!(peer = %peer, streams = limit, "raised the peer's stream credit");
+            }
             let dp = self.clone();
             let peer = peer.clone();
             // Header checks hold more state than the splice that follows: an admitted stream
-            // gets a task of its own holding only the splice, so an idle one costs no more.
+            // gets a task of its own holding only the splice and its guards.
             tokio::spawn(async move {
-                if let Some((app, send, recv, guard)) = dp.admit_stream(send, recv, &peer).await {
-                    tokio::spawn(async move {
-                        splice_quic(app, send, recv).await;
-                        drop(guard);
-                    });
+                if let Some((app, send, recv, active)) = dp.admit_stream(send, recv, &peer).await {
+                    tokio::spawn(splice::Holding::new(splice::tcp_quic(app, send, recv), (active, slot)));
                 }
             });
         }
@@ -445,12 +479,15 @@ impl DataPlane {
         let member = snap.member(&target.node).ok_or("not in the snapshot")?;
         let addr = member.data_addr.ok_or("announces no data address")?;
         let conn = self.connection(&target.node, addr).await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
+        // Waits for stream credit if the peer has none to give right now (it raises the
+        // credit as streams stay open, but not past `tls::MAX_STREAMS`).
+        let (mut send, mut recv) = match tokio::time::timeout(ANSWER_TIMEOUT, conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 self.peers.lock().await.remove(&target.node);
                 return Err(format!("opening a stream: {e}"));
             }
+            Err(_) => return Err("the peer gave no stream credit in time".into()),
         };
         let h = StreamHeader {
             version: header::VERSION,
@@ -528,55 +565,6 @@ impl DataPlane {
         self.ejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&(service.to_string(), node.to_string()));
     }
 }
-
-/// Splices a TCP connection and a QUIC stream both ways, with half-close, holding no buffer
-/// while idle: QUIC data arrives as chunks quinn already owns, and TCP data is read into a
-/// fresh chunk only when the socket has some, which quinn then owns until the peer acks it.
-/// Readiness can be spurious (a first epoll event, a wake-up whose data another read took), so
-/// a read that finds nothing drops its chunk. An idle forwarded connection so costs its task
-/// and stream state, not two 8 KiB copy buffers on each agent.
-pub async fn splice_quic(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let (tcp_r, mut tcp_w) = tcp.into_split();
-    let quic_to_tcp = async {
-        while let Ok(Some(chunk)) = recv.read_chunk(64 * 1024, true).await {
-            if tcp_w.write_all(&chunk.bytes).await.is_err() {
-                let _ = recv.stop(0u32.into());
-                return;
-            }
-        }
-        let _ = tcp_w.shutdown().await;
-    };
-    let tcp_to_quic = async {
-        loop {
-            if tcp_r.readable().await.is_err() {
-                break;
-            }
-            let mut chunk = bytes::BytesMut::with_capacity(READ_CHUNK);
-            match tcp_r.try_read_buf(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => {
-                    // A small read would pin the whole chunk in quinn's send buffer until acked.
-                    let data = if n < READ_CHUNK / 8 { bytes::Bytes::copy_from_slice(&chunk) } else { chunk.freeze() };
-                    if send.write_chunk(data).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => {
-                    let _ = send.reset(0u32.into());
-                    return;
-                }
-            }
-        }
-        let _ = send.finish();
-        // Wait until the peer has the data, or gives up on it, before dropping the stream.
-        let _ = send.stopped().await;
-    };
-    tokio::join!(quic_to_tcp, tcp_to_quic);
-}
-
-/// How much one read from a TCP socket into a QUIC stream takes at most.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// The UDP socket buffer the data plane asks for: Debian's default 208 KiB drops packets in bulk.
 const UDP_BUFFER: usize = 4 << 20;

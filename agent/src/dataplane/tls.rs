@@ -29,12 +29,20 @@ fn roots(creds: &NodeCredentials) -> anyhow::Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
+/// Streams a peer may open at first. quinn sets aside state for every stream a peer may open
+/// (about 34 bytes each, on both ends), so a fixed credit of 65,536 cost 2.2 MB per peer
+/// connection before any traffic. The receiving side raises the credit as streams stay open
+/// (`DataPlane::accept_streams`), up to [`MAX_STREAMS`].
+pub const INITIAL_STREAMS: u32 = 1024;
+/// The most forwarded connections one peer may have open here at once.
+pub const MAX_STREAMS: u32 = 1 << 20;
+
 /// Transport settings: the defaults allow 100 streams and a 1.25 MB stream window (about
 /// 25 MB/s per stream at 50 ms RTT) and no keep-alive; a sidecar needs more of each.
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // One stream per forwarded connection: idle keep-alive connections hold theirs open.
-    t.max_concurrent_bidi_streams(65_536u32.into());
+    t.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());

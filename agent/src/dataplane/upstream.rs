@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use super::{BackendStream, DataPlane, splice, splice_quic};
+use super::{BackendStream, DataPlane, splice};
 
 /// Serves one upstream listener until the task is aborted.
 pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
     loop {
-        let (mut client, peer) = match listener.accept().await {
+        let (client, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(service = %service, error = %e, "upstream accept failed");
@@ -27,12 +27,10 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
                 Ok(fwd) => match fwd.stream {
                     BackendStream::Quic(q) => {
                         let (recv, send) = q.into_inner();
-                        tokio::spawn(splice_quic(client, send, recv));
+                        tokio::spawn(splice::tcp_quic(client, send, recv));
                     }
-                    BackendStream::Tcp(mut app) => {
-                        tokio::spawn(async move {
-                            let _ = splice(&mut client, &mut app).await;
-                        });
+                    BackendStream::Tcp(app) => {
+                        tokio::spawn(splice::Splice::new(client, app));
                     }
                 },
                 Err(e) => {
