@@ -24,6 +24,7 @@ bench-ring:
 bench-membership:
 	@bash scripts/deps.sh bench
 	$(CARGO) build --release -p grapevine-agent --bin agent
+	bash scripts/build_baseline.sh
 	python3 scripts/bench_membership.py
 
 # client -> agent -> QUIC -> agent -> nginx beside two haproxy with mutual TLS, and direct.

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""`make bench-membership`: Grapevine's agent beside HashiCorp Serf (LAN profile), in one run on
-loopback, at N = 10, 30 and 60 processes.
+"""`make bench-membership`: Grapevine's agent beside HashiCorp Serf (LAN profile) and beside the
+agent's previous membership (one global chitchat pool, commit 6ac710f, built by
+scripts/build_baseline.sh), in one run on loopback, at N = 10, 30 and 60 processes.
 
 For each system and N it measures:
   - join convergence: all N started at once, time until every member has seen all N alive;
@@ -30,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "target", "release", "agent")
+BASELINE = os.path.join(ROOT, "target", "baseline", "release", "agent")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -133,6 +135,18 @@ class Grapevine(System):
 
     def node(self, i):
         return f"g{i}"
+
+
+class Baseline(Grapevine):
+    """The agent before region pools and SWIM (commit 6ac710f): one chitchat pool for the whole
+    cluster at its defaults then (500 ms rounds, phi failure detection); same regions."""
+
+    def __init__(self, regions):
+        super().__init__(regions)
+        self.label = f"chitchat-1pool/{regions}r"
+
+    def argv(self, i, n, base, workdir):
+        return [BASELINE] + super().argv(i, n, base, workdir)[1:]
 
 
 def capture(ports, seconds):
@@ -244,9 +258,13 @@ def main():
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle traffic capture")
     ap.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the single-pool chitchat agent (needs commit 6ac710f in this clone)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    systems = [Serf()] + [Grapevine(int(r)) for r in args.regions.split(",")]
+    regions = [int(r) for r in args.regions.split(",")]
+    grapevines = [Grapevine(r) for r in regions]
+    baselines = {} if args.no_baseline else {r: Baseline(r) for r in regions}
+    systems = [Serf()] + grapevines + list(baselines.values())
     results = {}
     # Ports stay below Linux's ephemeral range (32768 up), so no outgoing connection holds one.
     base = 20000
@@ -280,15 +298,18 @@ def main():
         ("CPU per agent at idle", "cpu_pct", "%"),
     ]
     print()
-    print("membership beside Serf (LAN profile), loopback, one run; ratio = grapevine / serf")
-    for s in systems[1:]:
+    print("membership beside Serf (LAN profile) and the single-pool chitchat agent, loopback;")
+    print(f"medians of {args.runs} run(s); ratio = grapevine / serf")
+    for s in grapevines:
+        b = baselines.get(s.regions)
         print(f"\n{s.label} (default settings, {s.regions} region(s)):")
-        print(f"  {'metric':<46} {'N':>3} {'grapevine':>12} {'serf':>12} {'ratio':>7}")
+        print(f"  {'metric':<46} {'N':>3} {'grapevine':>12} {'1-pool':>12} {'serf':>12} {'ratio':>7}")
         for title, key, unit in rows:
             for n in sizes:
                 g, f = results[(s.label, n)][key], results[("serf", n)][key]
+                c = fmt(results[(b.label, n)][key], unit) if b else "-"
                 ratio = f"{g / f:.2f}" if g is not None and f else "-"
-                print(f"  {title:<46} {n:>3} {fmt(g, unit):>12} {fmt(f, unit):>12} {ratio:>7}")
+                print(f"  {title:<46} {n:>3} {fmt(g, unit):>12} {c:>12} {fmt(f, unit):>12} {ratio:>7}")
     drops = {k: v["tcpdump_dropped"] for k, v in results.items() if v["tcpdump_dropped"]}
     if drops:
         print(f"\nnote: tcpdump dropped packets in {drops}; traffic figures there are low bounds")
