@@ -104,3 +104,74 @@ fn one_seed_applies_the_same_faults_at_the_same_times() {
     assert_eq!(faults(&a).len(), 3);
     assert_eq!(faults(&a)[0].0, 10.0);
 }
+
+const GROWN: &str = r#"
+name = "test-grown"
+duration = "60s"
+[[region]]
+name = "east"
+nodes = 2
+[[region]]
+name = "west"
+nodes = 2
+[[event]]
+at = "5s"
+action = "join"
+region = "east"
+count = 8
+[[event]]
+at = "6s"
+action = "join"
+region = "west"
+count = 8
+"#;
+
+const AT_ONCE: &str = r#"
+name = "test-at-once"
+duration = "60s"
+[[region]]
+name = "east"
+nodes = 10
+[[region]]
+name = "west"
+nodes = 10
+"#;
+
+#[test]
+fn members_joining_never_displace_a_gateway_nor_cost_wan_traffic() {
+    let (rec, grown) = run(GROWN, 3);
+    // east-10 sorts before east-2, yet east-1 and east-2 keep serving.
+    for region in ["east", "west"] {
+        // As another region sees them, once it sees any.
+        let seen: Vec<&Vec<String>> =
+            rec.gateways.iter().filter(|(_, r, g)| r == region && !g.is_empty()).map(|(_, _, g)| g).collect();
+        let want = vec![format!("{region}-1"), format!("{region}-2")];
+        assert!(!seen.is_empty() && seen.iter().all(|g| **g == want), "{region}: {seen:?}");
+    }
+    let (_, at_once) = run(AT_ONCE, 3);
+    let wan = |r: &report::Report| r.bytes_per_node_s_by_layer.get("wan").copied().unwrap_or(0.0);
+    assert!(
+        wan(&grown) < wan(&at_once) * 1.3,
+        "WAN bytes per node per second: grown by joins {:.0}, started at once {:.0}",
+        wan(&grown),
+        wan(&at_once)
+    );
+}
+
+const ONE_REGION: &str = r#"
+name = "test-one-region"
+duration = "60s"
+[[region]]
+name = "east"
+nodes = 10
+"#;
+
+#[test]
+fn a_single_region_cluster_does_not_keep_rejoining() {
+    // With no other region to find, agents ask the seeds again now and then; the answers name
+    // members they know already and must not start a full region-pool exchange each time.
+    let (_, r) = run(ONE_REGION, 5);
+    let idle = &r.idle_bytes_per_node_s_by_layer;
+    let churn = idle.get("region").copied().unwrap_or(0.0) + idle.get("join").copied().unwrap_or(0.0);
+    assert!(churn < 150.0, "idle region-pool and join bytes per node per second: {churn:.0} ({idle:?})");
+}

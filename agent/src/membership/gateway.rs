@@ -1,7 +1,8 @@
 //! Gateways and the WAN pool.
 //!
-//! Every member computes its region's gateways the same way (the first `gateways_per_region`
-//! healthy members by id, from SWIM's view) and a member that finds itself among them starts a
+//! Every member computes its region's gateways the same way from SWIM's view and the region
+//! state (serving gateways keep their seats, empty seats go to the smallest ids: see
+//! `elect_gateways`) and a member that finds itself among them starts a
 //! second chitchat instance, the WAN pool, with the other regions' gateways (frame type
 //! [`FRAME_WAN`]). In it a gateway publishes one key per member of its region (`m:<node>`, the
 //! member as this region sees it, load rounded to a power of two so that busy members do not
@@ -25,7 +26,9 @@ use chitchat::{ChitchatConfig, ChitchatId, spawn_chitchat};
 use tokio::time::Instant;
 
 use super::transport::{FRAME_WAN, SealedTransport};
-use super::{EVENT_PREFIX, KEY_REACH, KEY_REGION, Pool, REMOTE_PREFIX, Shared, failure_detector, origin_of, unix_ms};
+use super::{
+    EVENT_PREFIX, KEY_GATEWAY, KEY_REACH, KEY_REGION, Pool, REMOTE_PREFIX, Shared, failure_detector, origin_of, unix_ms,
+};
 use crate::cluster::snapshot::{MemberState, MemberView, RegionInfo};
 use crate::metrics::KindLabel;
 
@@ -34,9 +37,21 @@ const SUMMARY_PREFIX: &str = "m:";
 /// On a gateway's WAN state: its region's gateways, as it sees them (comma-separated ids).
 const KEY_GATEWAYS: &str = "gw";
 
+/// How long a newly started agent must stay elected before it starts its WAN pool. An agent
+/// that has just started knows few of its region's members and may elect itself for a moment;
+/// each such instance used to join every gateway's WAN pool and stay there, dead, for
+/// `dead_node_grace` (a cold start of 100 agents left about 100 of them).
+const ELECTION_HOLD: Duration = Duration::from_secs(1);
+/// After this long, an agent's view of its region has settled and an election takes effect
+/// at once (a dead gateway's replacement starts without the hold).
+const SETTLED_AFTER: Duration = Duration::from_secs(10);
+
 /// Runs the gateway duties whenever this agent is elected, every 250 ms.
 pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
     let mut heard: HashMap<ChitchatId, (u64, Instant)> = HashMap::new();
+    let mut listed: HashSet<String> = HashSet::new();
+    let started = Instant::now();
+    let mut elected_since: Option<Instant> = None;
     let mut last_poke = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,10 +61,16 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
         let region = &shared.config.local.region;
         let elected = !shared.leaving.load(Ordering::Relaxed)
             && snap.region_info.get(region).is_some_and(|r| r.gateways.iter().any(|g| g == shared.me()));
+        let now = Instant::now();
+        elected_since = if elected { elected_since.or(Some(now)) } else { None };
+        let held = elected_since
+            .is_some_and(|at| now.duration_since(started) >= SETTLED_AFTER || now.duration_since(at) >= ELECTION_HOLD);
         let running = shared.wan.lock().await.is_some();
-        if elected && !running {
+        if held && !running {
             match start_wan(&shared).await {
                 Ok(()) => {
+                    shared.region.lock().await.self_node_state().set(KEY_GATEWAY, "1");
+                    shared.changed();
                     shared.metrics.gateway_changes.get_or_create(&KindLabel { kind: "promoted" }).inc();
                     tracing::info!(region = %region, "this agent is now a gateway of its region");
                 }
@@ -65,14 +86,14 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
             shared.metrics.gateway_changes.get_or_create(&KindLabel { kind: "demoted" }).inc();
             tracing::info!(region = %region, "this agent is no longer a gateway");
             continue;
-        } else if !elected {
+        } else if !running {
             continue;
         }
         publish(&shared, &snap).await;
-        import(&shared, &mut heard).await;
+        listed = import(&shared, &mut heard).await.unwrap_or(listed);
         if last_poke.elapsed() >= shared.config.gossip.interval {
             last_poke = Instant::now();
-            poke_silent(&shared).await;
+            poke_silent(&shared, &listed).await;
         }
     }
 }
@@ -130,13 +151,14 @@ pub(crate) async fn stop_wan(shared: &Shared) {
     shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(0);
 }
 
-/// Removes the other regions' members and reachability this agent copied in as a gateway.
+/// Gives up the seat, and removes the other regions' members and reachability this agent
+/// copied in as a gateway.
 async fn clear_imports(shared: &Shared) {
     let mut c = shared.region.lock().await;
     let state = c.self_node_state();
     let keys: Vec<String> = state
         .key_values()
-        .filter(|(k, _)| k.starts_with(REMOTE_PREFIX) || *k == KEY_REACH)
+        .filter(|(k, _)| k.starts_with(REMOTE_PREFIX) || *k == KEY_REACH || *k == KEY_GATEWAY)
         .map(|(k, _)| k.to_string())
         .collect();
     for k in &keys {
@@ -226,8 +248,11 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
 
 /// chitchat gossips only with members its failure detector calls live; one whose first
 /// exchanges were lost (or that went quiet in a cut) would be left alone for long. Once per
-/// WAN interval, start a round with every gateway chitchat does not call live.
-async fn poke_silent(shared: &Shared) {
+/// WAN interval, start a round with every gateway chitchat does not call live, among those
+/// their regions list as gateways now (`listed`): a former gateway lingers in the pool as a
+/// dead node for `dead_node_grace`, and poking each of those with a full digest every round
+/// would cost far more than the pool itself.
+async fn poke_silent(shared: &Shared, listed: &HashSet<String>) {
     let wan = shared.wan.lock().await;
     let Some(pool) = wan.as_ref() else { return };
     let silent: Vec<SocketAddr> = {
@@ -236,7 +261,7 @@ async fn poke_silent(shared: &Shared) {
         let live: HashSet<&ChitchatId> = c.live_nodes().collect();
         c.node_states()
             .keys()
-            .filter(|id| **id != me && id.node_id != me.node_id && !live.contains(id))
+            .filter(|id| **id != me && id.node_id != me.node_id && !live.contains(id) && listed.contains(&*id.node_id))
             .map(|id| id.gossip_advertise_addr)
             .collect()
     };
@@ -246,14 +271,15 @@ async fn poke_silent(shared: &Shared) {
 }
 
 /// Copies the other regions' members and reachability from the WAN pool into this region.
-async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>) {
+/// Returns the node ids the other regions list as their gateways now (None without a pool).
+async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>) -> Option<HashSet<String>> {
     let now = Instant::now();
     // A region is reachable while one of its gateways' heartbeats advanced this recently.
     let window = (shared.config.gossip.interval * 4).max(Duration::from_secs(3));
     let region = &shared.config.local.region;
-    let (reach, remote) = {
+    let (reach, remote, listed) = {
         let wan = shared.wan.lock().await;
-        let Some(pool) = wan.as_ref() else { return };
+        let pool = wan.as_ref()?;
         let c = pool.chitchat.lock().await;
         let me = c.self_chitchat_id().clone();
         // Per region: (fresh, gateway id, when its heartbeat last advanced).
@@ -293,7 +319,15 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
         }
         let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
         let mut remote: BTreeMap<String, String> = BTreeMap::new();
+        let mut listed: HashSet<String> = HashSet::new();
         for (r, mut gateways) in by_region {
+            // The region's own word on its gateways: the list of the one heard most recently.
+            let current: Option<HashSet<String>> = gateways
+                .iter()
+                .max_by_key(|g| g.2)
+                .and_then(|g| c.node_state(g.1))
+                .and_then(|s| s.get(KEY_GATEWAYS))
+                .map(|l| l.split(',').filter(|id| !id.is_empty()).map(str::to_string).collect());
             // Fresh ones first, then by id (and the newest instance of a restarted gateway).
             gateways.sort_by(|a, b| {
                 (!a.0, &a.1.node_id, std::cmp::Reverse(a.1.generation_id)).cmp(&(
@@ -303,9 +337,14 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
                 ))
             });
             let reachable = gateways.iter().any(|g| g.0);
-            let mut ids: Vec<String> =
-                gateways.iter().filter(|g| g.0 || !reachable).map(|g| g.1.node_id.to_string()).collect();
+            // An unreachable region shows the gateways it last listed, not every former one.
+            let mut ids: Vec<String> = gateways
+                .iter()
+                .filter(|g| g.0 || (!reachable && current.as_ref().is_none_or(|l| l.contains(&*g.1.node_id))))
+                .map(|g| g.1.node_id.to_string())
+                .collect();
             ids.dedup();
+            listed.extend(current.unwrap_or_else(|| ids.iter().cloned().collect()));
             reach.insert(r.clone(), RegionInfo { gateways: ids, reachable });
             if let Some((_, source, _)) = gateways.first()
                 && let Some(state) = c.node_state(source)
@@ -315,7 +354,7 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
                 }
             }
         }
-        (reach, remote)
+        (reach, remote, listed)
     };
     let mut c = shared.region.lock().await;
     let state = c.self_node_state();
@@ -325,6 +364,7 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
     if state.max_version() != before {
         shared.changed();
     }
+    Some(listed)
 }
 
 /// Makes the keys under `prefix` exactly `keys`: others under it are deleted; unchanged values

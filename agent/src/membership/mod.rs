@@ -9,8 +9,8 @@
 //! - **SWIM** ([`swim`], the `foca` crate) inside the region: who is alive, suspect or dead. Its
 //!   probes also carry version hints ("node X is at version v"); a member that is behind pulls
 //!   from X at once.
-//! - **The WAN pool** ([`gateway`]): the first `gateways_per_region` healthy members of each
-//!   region (by id) run a second chitchat instance among all gateways, carrying one summary key
+//! - **The WAN pool** ([`gateway`]): `gateways_per_region` healthy members of each region
+//!   (serving ones keep their seats) run a second chitchat instance among all gateways, carrying one summary key
 //!   per member of their region, and copy the other regions' summaries into their own region
 //!   state. A region whose gateways stop being heard is `unreachable`, not dead.
 //!
@@ -64,6 +64,9 @@ const EVENT_PREFIX: &str = "ev:";
 const REMOTE_PREFIX: &str = "x:";
 /// On a gateway's region state: the other regions' gateways and reachability.
 const KEY_REACH: &str = "reach";
+/// On a gateway's region state, while it runs the WAN pool: it holds its seat (see
+/// [`elect_gateways`]).
+const KEY_GATEWAY: &str = "gateway";
 /// Most addresses in a join reply.
 const JOIN_REPLY_MAX: usize = 16;
 
@@ -453,17 +456,21 @@ fn remote_record(view: MemberView, reachable: bool) -> MemberRecord {
     }
 }
 
-/// The region's gateways: the first `n` members by id that SWIM calls alive (or suspect) and
-/// that are not draining or leaving. Every member computes the same list from the same view.
-fn elect_gateways(records: &[MemberRecord], n: usize) -> Vec<String> {
-    let mut candidates: Vec<&str> = records
+/// The region's gateways, among the members SWIM calls alive (or suspect) that are not
+/// draining or leaving: those already serving as gateways (`incumbents`) keep their seats, the
+/// first `n` of them by id; empty seats go to the others in id order. So a member joining
+/// with a small id does not displace a working gateway (each change starts a WAN pool
+/// instance that the other regions remember as a dead node for `dead_node_grace`), and every
+/// member computes the same list from the same view.
+fn elect_gateways(records: &[MemberRecord], incumbents: &HashSet<&str>, n: usize) -> Vec<String> {
+    let mut candidates: Vec<(bool, &str)> = records
         .iter()
         .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect) && r.lifecycle == Lifecycle::Active)
-        .map(|r| r.id.as_str())
+        .map(|r| (!incumbents.contains(r.id.as_str()), r.id.as_str()))
         .collect();
     candidates.sort_unstable();
     candidates.dedup();
-    candidates.into_iter().take(n).map(str::to_string).collect()
+    candidates.into_iter().take(n).map(|(_, id)| id.to_string()).collect()
 }
 
 /// Keeps the region pool's address set (read by the pool-size guard) current.
@@ -513,6 +520,7 @@ async fn snapshot_loop(shared: Arc<Shared>) {
         let (mut records, fingerprint, remote) = {
             let c = shared.region.lock().await;
             let mut records = Vec::new();
+            let mut incumbents: HashSet<&str> = HashSet::new();
             // What the snapshot depends on, hashed (node states come in a fixed order).
             let mut fingerprint = xxhash_rust::xxh3::Xxh3::new();
             for (id, state) in c.node_states() {
@@ -544,6 +552,9 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                     *cached = (version, record(id, state, Liveness::Alive));
                 }
                 if let Some(r) = &cached.1 {
+                    if state.get(KEY_GATEWAY).is_some() {
+                        incumbents.insert(&*id.node_id);
+                    }
                     fingerprint.update(r.id.as_bytes());
                     fingerprint.update(&[0, liveness as u8]);
                     fingerprint.update(&r.generation.to_le_bytes());
@@ -552,7 +563,7 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 }
             }
             local_cache.retain(|id, _| c.node_states().contains_key(id));
-            let gateways = elect_gateways(&records, config.gossip.gateways_per_region);
+            let gateways = elect_gateways(&records, &incumbents, config.gossip.gateways_per_region);
             // The other regions, as copied in by one of our gateways: the first elected one that
             // has done so, else any live member that has.
             let alive: HashSet<&str> = records
@@ -805,11 +816,20 @@ async fn join_server(
                     continue;
                 };
                 let me = shared.config.gossip_advertise;
-                for addr in reply.members.iter().filter(|a| **a != me) {
+                // Only members SWIM has not met: a reply to a re-probe names members this agent
+                // knows already, and announcing to them (and a full region-pool exchange with
+                // three) every `reprobe_interval` cost a single-region cluster of 100 about
+                // 2.7 kB/s per agent.
+                let known = shared.swim.view();
+                let new: Vec<SocketAddr> =
+                    reply.members.iter().copied().filter(|a| *a != me && !known.contains_key(a)).collect();
+                for addr in &new {
                     shared.swim.announce(*addr);
                 }
-                if let Some(h) = shared.region_handle.lock().await.as_ref() {
-                    for addr in reply.members.iter().filter(|a| **a != me).take(3) {
+                if !new.is_empty()
+                    && let Some(h) = shared.region_handle.lock().await.as_ref()
+                {
+                    for addr in new.iter().take(3) {
                         let _ = h.gossip(*addr);
                     }
                 }
@@ -829,13 +849,21 @@ async fn join_server(
 
 /// Asks the seeds for this region's members until SWIM knows someone, with backoff, and
 /// keeps asking every `reprobe_interval` while this agent is alone in its region (a healed
-/// cut, or a region's last member restarting). Seeds in other regions answer too.
+/// cut, or a region's last member restarting). Seeds in other regions answer too. While this
+/// agent hears of no other region it also asks, backing off to a minute: the answers name
+/// gateways for the WAN pool, but a single-region cluster has none to give.
 async fn join_loop(shared: Arc<Shared>) {
-    let mut backoff = Duration::from_millis(200);
+    const NO_WAN_MAX: Duration = Duration::from_secs(60);
+    let first = Duration::from_millis(200);
+    let mut backoff = first;
+    let mut no_wan_backoff = shared.config.gossip.reprobe_interval;
+    let mut next_no_wan = Instant::now();
     loop {
         let alone = shared.swim.active_count() == 0;
         let no_wan = shared.snapshots.borrow().region_info.len() <= 1;
-        if alone || no_wan {
+        let now = Instant::now();
+        let ask_for_wan = no_wan && now >= next_no_wan;
+        if alone || ask_for_wan {
             let mut targets: Vec<SocketAddr> = Vec::new();
             for seed in &shared.config.seeds {
                 if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
@@ -851,13 +879,23 @@ async fn join_loop(shared: Arc<Shared>) {
                 shared.wire.send_frame(t, FRAME_JOIN, &body).await;
             }
         }
+        if ask_for_wan {
+            next_no_wan = now + no_wan_backoff;
+            no_wan_backoff = (no_wan_backoff * 2).min(NO_WAN_MAX);
+        } else if !no_wan {
+            no_wan_backoff = shared.config.gossip.reprobe_interval;
+        }
         let wait = if alone {
             let w = backoff;
-            backoff = (backoff * 2).min(shared.config.gossip.reprobe_interval.max(Duration::from_millis(200)));
+            backoff = (backoff * 2).min(shared.config.gossip.reprobe_interval.max(first));
             w
         } else {
-            backoff = Duration::from_millis(200);
-            shared.config.gossip.reprobe_interval
+            backoff = first;
+            if no_wan {
+                next_no_wan.saturating_duration_since(now).max(first)
+            } else {
+                shared.config.gossip.reprobe_interval
+            }
         };
         tokio::time::sleep(wait).await;
     }
@@ -914,11 +952,31 @@ mod tests {
             rec("aa", Liveness::Alive, Lifecycle::Draining),
             rec("d", Liveness::Alive, Lifecycle::Active),
         ];
-        assert_eq!(elect_gateways(&records, 2), ["b", "c"]);
+        let none = HashSet::new();
+        assert_eq!(elect_gateways(&records, &none, 2), ["b", "c"]);
         let mut shuffled = records.clone();
         shuffled.reverse();
-        assert_eq!(elect_gateways(&shuffled, 2), ["b", "c"], "order of arrival does not matter");
-        assert_eq!(elect_gateways(&records, 5), ["b", "c", "d"]);
+        assert_eq!(elect_gateways(&shuffled, &none, 2), ["b", "c"], "order of arrival does not matter");
+        assert_eq!(elect_gateways(&records, &none, 5), ["b", "c", "d"]);
+    }
+
+    #[test]
+    fn serving_gateways_keep_their_seats() {
+        let mut records = vec![
+            rec("m", Liveness::Alive, Lifecycle::Active),
+            rec("n", Liveness::Alive, Lifecycle::Active),
+            rec("p", Liveness::Alive, Lifecycle::Active),
+        ];
+        let serving: HashSet<&str> = ["m", "n"].into();
+        // A member with a smaller id joins: it waits for a seat.
+        records.push(rec("a", Liveness::Alive, Lifecycle::Active));
+        assert_eq!(elect_gateways(&records, &serving, 2), ["m", "n"]);
+        // A gateway dies: the smallest id among the others takes its seat.
+        records[0].liveness = Liveness::Dead;
+        assert_eq!(elect_gateways(&records, &serving, 2), ["n", "a"]);
+        // More serving than seats (two sides of a healed split): the first by id stay.
+        let three: HashSet<&str> = ["n", "p", "a"].into();
+        assert_eq!(elect_gateways(&records, &three, 2), ["a", "n"]);
     }
 
     #[test]
