@@ -16,9 +16,9 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
-use super::{DataPlane, ForwardError};
+use super::{BackendStream, DataPlane, ForwardError};
 use crate::config::IngressConfig;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +61,40 @@ pub async fn serve(listener: TcpListener, config: Arc<IngressConfig>, dp: Arc<Da
                 tracing::debug!(%client, error = %e, "ingress connection ended with an error");
             }
         });
+    }
+}
+
+/// Splices an upgraded connection (a WebSocket, say) for the rest of its life. hyper hands
+/// back the sockets it was given, with whatever it had read past the upgrade, so the
+/// connection is spliced as an upstream connection is, holding no buffer while idle (a
+/// WebSocket through the ingress is mostly idle); anything else is copied with buffers.
+async fn splice_upgraded(client: hyper::upgrade::Upgraded, backend: hyper::upgrade::Upgraded) {
+    use super::splice::{QuicEnd, Splice};
+    use tokio::io::AsyncWriteExt;
+    // Both always downcast (the ingress made them from these types); the copies are a fallback.
+    let client = match client.downcast::<TokioIo<TcpStream>>() {
+        Ok(c) => c,
+        Err(client) => {
+            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(backend));
+            let _ = super::splice(&mut a, &mut b).await;
+            return;
+        }
+    };
+    let (mut tcp, to_backend) = (client.io.into_inner(), client.read_buf);
+    match backend.downcast::<TokioIo<BackendStream>>() {
+        Ok(b) => match b.io.into_inner() {
+            BackendStream::Tcp(app) => Splice::with_pending(tcp, app, to_backend, b.read_buf).await,
+            BackendStream::Quic(q) => {
+                let (recv, send) = q.into_inner();
+                Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, b.read_buf).await
+            }
+        },
+        Err(backend) => {
+            let mut backend = TokioIo::new(backend);
+            if backend.write_all(&to_backend).await.is_ok() {
+                let _ = super::splice(&mut tcp, &mut backend).await;
+            }
+        }
     }
 }
 
@@ -173,8 +207,7 @@ async fn handle(
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(a), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
-                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                let _ = super::splice(&mut a, &mut b).await;
+                splice_upgraded(a, b).await;
             }
         });
     }

@@ -197,6 +197,17 @@ impl<A: End, B: End> Splice<A, B> {
     pub fn new(a: A, b: B) -> Self {
         Splice { a, b, a_to_b: Flow::default(), b_to_a: Flow::default() }
     }
+
+    /// A splice whose first bytes each way were already read: `a_to_b` goes to `b` first,
+    /// `b_to_a` to `a` (what an HTTP parser read past an upgrade response).
+    pub fn with_pending(a: A, b: B, a_to_b: Bytes, b_to_a: Bytes) -> Self {
+        Splice {
+            a,
+            b,
+            a_to_b: Flow { pending: a_to_b, state: FlowState::Open },
+            b_to_a: Flow { pending: b_to_a, state: FlowState::Open },
+        }
+    }
 }
 
 impl<A: End, B: End> Future for Splice<A, B> {
