@@ -53,6 +53,9 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
     let started = Instant::now();
     let mut elected_since: Option<Instant> = None;
     let mut last_poke = Instant::now();
+    const LONELY_FIRST: Duration = Duration::from_millis(500);
+    let mut lonely_backoff = LONELY_FIRST;
+    let mut lonely_next = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -89,7 +92,16 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
         } else if !running {
             continue;
         }
-        publish(&shared, &snap).await;
+        let peers = publish(&shared, &snap).await;
+        // A WAN pool that knows no other gateway (they started after the join replies, or the
+        // seeds knew none then) asks the seeds again, soon and then less often.
+        if peers == 0 && now >= lonely_next {
+            super::ask_seeds(&shared).await;
+            lonely_next = now + lonely_backoff;
+            lonely_backoff = (lonely_backoff * 2).min(Duration::from_secs(60));
+        } else if peers > 0 {
+            lonely_backoff = LONELY_FIRST;
+        }
         listed = import(&shared, &mut heard).await.unwrap_or(listed);
         if last_poke.elapsed() >= shared.config.gossip.interval {
             last_poke = Instant::now();
@@ -202,10 +214,10 @@ fn summary(m: &MemberView) -> String {
 }
 
 /// Publishes this region's members into the WAN pool; pushes at once to the other gateways
-/// when anything changed.
-async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
+/// when anything changed. Returns how many other gateways the pool knows.
+async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) -> usize {
     let wan = shared.wan.lock().await;
-    let Some(pool) = wan.as_ref() else { return };
+    let Some(pool) = wan.as_ref() else { return 0 };
     let region = &shared.config.local.region;
     let ours: BTreeMap<String, String> = snap
         .members
@@ -231,6 +243,7 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
         (state.max_version() != before, peers)
     };
     shared.metrics.pool_size.get_or_create(&KindLabel { kind: "wan" }).set(peers.len() as i64 + 1);
+    let known = peers.len();
     if changed {
         // The WAN pool's own version hint: a round with every gateway now, not at the next tick.
         let mut peers = peers;
@@ -244,6 +257,7 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) {
             let _ = pool.handle.gossip(addr);
         }
     }
+    known
 }
 
 /// chitchat gossips only with members its failure detector calls live; one whose first

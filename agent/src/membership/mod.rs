@@ -774,6 +774,39 @@ async fn hint_loop(shared: Arc<Shared>, mut direct: tokio::sync::mpsc::Receiver<
     }
 }
 
+/// Those who asked a seed for their region's members lately, by region: a seed in another
+/// region may not know a new region's members yet (it learns them through the gateways), so it
+/// introduces the region's newcomers to each other, and they form their region pool at once
+/// instead of each electing itself gateway of a region of one.
+#[derive(Debug, Default)]
+struct Newcomers {
+    by_region: HashMap<String, Vec<(SocketAddr, Instant)>>,
+}
+
+impl Newcomers {
+    /// How long a newcomer is remembered.
+    const KEEP: Duration = Duration::from_secs(60);
+    const MAX_REGIONS: usize = 64;
+
+    /// The other recent newcomers of `region`, newest first; then remembers `from`.
+    fn meet(&mut self, region: &str, from: SocketAddr, now: Instant) -> Vec<SocketAddr> {
+        self.by_region.retain(|_, v| {
+            v.retain(|(_, at)| now.duration_since(*at) < Self::KEEP);
+            !v.is_empty()
+        });
+        let others: Vec<SocketAddr> =
+            self.by_region.get(region).into_iter().flatten().rev().map(|(a, _)| *a).filter(|a| *a != from).collect();
+        if self.by_region.len() < Self::MAX_REGIONS || self.by_region.contains_key(region) {
+            let list = self.by_region.entry(region.to_string()).or_default();
+            list.retain(|(a, _)| *a != from);
+            list.push((from, now));
+            let excess = list.len().saturating_sub(JOIN_REPLY_MAX);
+            list.drain(..excess);
+        }
+        others
+    }
+}
+
 /// Answers join requests from the latest snapshot, and acts on replies: SWIM announces itself
 /// and the region pool gossips to the members named; gateways are kept to seed the WAN pool.
 async fn join_server(
@@ -781,6 +814,7 @@ async fn join_server(
     mut requests: tokio::sync::mpsc::Receiver<transport::Inbound>,
     mut replies: tokio::sync::mpsc::Receiver<transport::Inbound>,
 ) {
+    let mut newcomers = Newcomers::default();
     loop {
         tokio::select! {
             Some((from, body)) = requests.recv() => {
@@ -798,6 +832,11 @@ async fn join_server(
                     members.retain(|m| m.id != snap.local.id);
                 }
                 reply.members.extend(members.iter().map(|m| m.gossip_addr).filter(|a| *a != from));
+                for a in newcomers.meet(&req.region, from, Instant::now()) {
+                    if !reply.members.contains(&a) {
+                        reply.members.push(a);
+                    }
+                }
                 reply.members.truncate(JOIN_REPLY_MAX);
                 for info in snap.region_info.values() {
                     for g in &info.gateways {
@@ -864,20 +903,7 @@ async fn join_loop(shared: Arc<Shared>) {
         let now = Instant::now();
         let ask_for_wan = no_wan && now >= next_no_wan;
         if alone || ask_for_wan {
-            let mut targets: Vec<SocketAddr> = Vec::new();
-            for seed in &shared.config.seeds {
-                if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
-                    targets.extend(addrs.filter(|a| *a != shared.config.gossip_advertise));
-                }
-            }
-            targets.sort();
-            targets.dedup();
-            let body =
-                serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
-            for t in targets {
-                shared.metrics.reprobes.inc();
-                shared.wire.send_frame(t, FRAME_JOIN, &body).await;
-            }
+            ask_seeds(&shared).await;
         }
         if ask_for_wan {
             next_no_wan = now + no_wan_backoff;
@@ -898,6 +924,23 @@ async fn join_loop(shared: Arc<Shared>) {
             }
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Asks every seed (DNS names resolved now) for this region's members and the gateways it knows.
+pub(crate) async fn ask_seeds(shared: &Shared) {
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    for seed in &shared.config.seeds {
+        if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
+            targets.extend(addrs.filter(|a| *a != shared.config.gossip_advertise));
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    let body = serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
+    for t in targets {
+        shared.metrics.reprobes.inc();
+        shared.wire.send_frame(t, FRAME_JOIN, &body).await;
     }
 }
 
@@ -999,6 +1042,20 @@ mod tests {
         assert_eq!(remote_record(view(MemberState::Dead), true).liveness, Liveness::Dead);
         let left = remote_record(view(MemberState::Left), false);
         assert_eq!(left.lifecycle, Lifecycle::Left, "a clean leave stays a leave");
+    }
+
+    #[test]
+    fn a_seed_introduces_a_regions_newcomers_to_each_other() {
+        let mut n = Newcomers::default();
+        let t0 = Instant::now();
+        let a: SocketAddr = "10.0.2.1:7946".parse().unwrap();
+        let b: SocketAddr = "10.0.2.2:7946".parse().unwrap();
+        let c: SocketAddr = "10.0.3.1:7946".parse().unwrap();
+        assert!(n.meet("west", a, t0).is_empty());
+        assert_eq!(n.meet("west", b, t0), [a]);
+        assert!(n.meet("east", c, t0).is_empty(), "other regions' newcomers are not named");
+        assert_eq!(n.meet("west", a, t0), [b], "not itself");
+        assert!(n.meet("west", c, t0 + Newcomers::KEEP * 2).is_empty(), "forgotten after a while");
     }
 
     #[test]
