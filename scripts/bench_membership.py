@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench-membership`: Grapevine's agent beside HashiCorp Serf (LAN profile) and beside the
 agent's previous membership (one global chitchat pool, commit 6ac710f, built by
-scripts/build_baseline.sh), in one run on loopback, at N = 10, 30 and 60 processes.
+scripts/build_baseline.sh), in one run on loopback, at N = 10, 30, 60 and 100 processes.
 
 For each system and N it measures:
   - join convergence: all N started at once, time until every member has seen all N alive;
@@ -86,7 +86,7 @@ class Serf(System):
 
     def argv(self, i, n, base, workdir):
         return ["serf", "agent", f"-node=s{i}", f"-bind=127.0.0.1:{base + i}",
-                f"-rpc-addr=127.0.0.1:{base + 70 + i}", "-profile=lan", "-log-level=info",
+                f"-rpc-addr=127.0.0.1:{base + 200 + i}", "-profile=lan", "-log-level=info",
                 f"-retry-join=127.0.0.1:{base}", "-retry-interval=1s"]
 
     def parse(self, line):
@@ -118,7 +118,7 @@ class Grapevine(System):
             with open(self.key, "w") as f:
                 f.write(subprocess.check_output([AGENT, "keygen"], text=True))
         return [AGENT, "run", "--node-id", f"g{i}", "--region", f"r{i % self.regions}", "--log-format", "json",
-                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 70 + i}",
+                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 200 + i}",
                 "--cluster-key-file", self.key, "--data-dir", os.path.join(workdir, f"g{i}"),
                 "--join", f"127.0.0.1:{base}"] + self.extra
 
@@ -178,7 +178,7 @@ def capture(ports, seconds):
     return total / elapsed, pkts / elapsed, largest, int(dropped.group(1)) if dropped else 0
 
 
-def run_one(system, n, base, idle_seconds):
+def run_one(system, n, base, idle_seconds, settle):
     events = []  # (time, observer, kind, subject)
     lock = threading.Lock()
 
@@ -188,7 +188,7 @@ def run_one(system, n, base, idle_seconds):
             with lock:
                 events.append((t, name, ev[0], ev[1]))
 
-    workdir = tempfile.mkdtemp(prefix=f"bench-{system.label}-")
+    workdir = tempfile.mkdtemp(prefix="bench-" + re.sub(r"[^A-Za-z0-9]+", "-", system.label) + "-")
     procs = []
     try:
         t0 = time.monotonic()
@@ -211,8 +211,8 @@ def run_one(system, n, base, idle_seconds):
                     converged = max(t for (t, o, k, s) in events if k == "alive") - t0
                 break
             time.sleep(0.05)
-        # Idle: let things settle, then measure traffic, memory and CPU.
-        time.sleep(3)
+        # Idle: let the join settle, then measure traffic, memory and CPU.
+        time.sleep(settle)
         cpu0 = {p.name: p.cpu_ticks() for p in procs}
         c0 = time.monotonic()
         bps, dps, largest, dropped = capture((base, base + n), idle_seconds)
@@ -253,9 +253,10 @@ def fmt(v, unit):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10,30,60")
+    ap.add_argument("--sizes", default="10,30,60,100", help="cluster sizes (at most 100: admin ports sit 200 above gossip ports)")
     ap.add_argument("--regions", default="1,3", help="Grapevine runs: agents spread over this many regions")
-    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle traffic capture")
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle traffic capture (the region pool's anti-entropy round is 90 s, so short captures are noisy)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds between join convergence and the idle capture")
     ap.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-pool chitchat agent (needs commit 6ac710f in this clone)")
@@ -273,10 +274,10 @@ def main():
             runs = []
             for r in range(args.runs):
                 for attempt in range(2):
-                    base += 150
+                    base += 300
                     print(f"  {s.label} N={n} run {r + 1}/{args.runs} ...", file=sys.stderr, flush=True)
                     try:
-                        runs.append(run_one(s, n, base, args.idle))
+                        runs.append(run_one(s, n, base, args.idle, args.settle))
                         break
                     except RuntimeError as e:
                         if attempt == 1:
