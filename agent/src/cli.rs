@@ -202,7 +202,7 @@ pub struct RunArgs {
     /// How long a SWIM probe waits before asking others [env: AGENT_PROBE_TIMEOUT] [default: 250ms]
     #[arg(long, value_name = "DURATION")]
     pub probe_timeout: Option<String>,
-    /// Members asked to probe an unresponsive one [env: AGENT_INDIRECT_PROBES] [default: 3]
+    /// Members asked to probe an unresponsive one [env: AGENT_INDIRECT_PROBES] [default: 5]
     #[arg(long, value_name = "N")]
     pub indirect_probes: Option<String>,
     /// How long a suspect may refute before it is dead [env: AGENT_SUSPICION_TIMEOUT] [default: 2s]

@@ -554,7 +554,7 @@ impl Layer {
             )?,
             probe_interval: duration_in("probe_interval", self.probe_interval.as_deref(), "500ms", ms(20), secs(60))?,
             probe_timeout: duration_in("probe_timeout", self.probe_timeout.as_deref(), "250ms", ms(5), secs(30))?,
-            indirect_probes: int_in("indirect_probes", self.indirect_probes.as_deref(), 3, 1, 16)? as usize,
+            indirect_probes: int_in("indirect_probes", self.indirect_probes.as_deref(), 5, 1, 16)? as usize,
             suspicion_timeout: duration_in(
                 "suspicion_timeout",
                 self.suspicion_timeout.as_deref(),

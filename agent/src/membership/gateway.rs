@@ -203,10 +203,16 @@ fn wan_seeds(shared: &Shared) -> Vec<SocketAddr> {
 }
 
 /// A member as published to the other regions: no RTT (it is ours, not theirs), load rounded
-/// up to a power of two.
+/// up to a power of two, and a suspect shown alive. Suspicion is SWIM's business inside the
+/// region: a suspect is still routable, and under loss suspicions come and go every second;
+/// carried across, each one changed the summaries, and every member of every other region
+/// pulled the change (at 10% loss, N = 100: 6 kB/s per node of region-pool exchanges).
 fn summary(m: &MemberView) -> String {
     let mut m = m.clone();
     m.rtt_ms = None;
+    if m.state == MemberState::Suspect {
+        m.state = MemberState::Alive;
+    }
     for s in &mut m.services {
         s.load = if s.load == 0 { 0 } else { s.load.next_power_of_two() };
     }

@@ -696,9 +696,10 @@ async fn push_hint(shared: &Shared, hint: &Hint) {
 }
 
 /// Sends hints for this node's changes (again twice, a second apart, for loss), and pulls
-/// from nodes hinted to be ahead of us (a few tries, for loss), every 100 ms.
+/// from nodes hinted to be ahead of us (up to ten tries 300 ms apart: a pull is a three-way
+/// exchange, so at 25% loss one try succeeds four times in ten), every 100 ms.
 async fn hint_loop(shared: Arc<Shared>, mut direct: tokio::sync::mpsc::Receiver<transport::Inbound>) {
-    const TRIES: u32 = 5;
+    const TRIES: u32 = 10;
     const SPACING: Duration = Duration::from_millis(300);
     // One pull brings everything the peer knows that we do not, so a burst of hints (many
     // members starting at once) needs few pulls: the rest find themselves satisfied.
