@@ -4,6 +4,7 @@
 CARGO ?= cargo
 
 demo: deps
+	@bash scripts/deps.sh demo
 	bash scripts/demo.sh
 
 test: deps lint

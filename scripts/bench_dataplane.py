@@ -139,10 +139,10 @@ http {{ access_log off; keepalive_requests 1000000;
         # Grapevine: B fronts nginx and iperf3; A has upstream ports for both.
         common = ["--cluster-key-file", f"{work}/cluster.key", "--ca-file", f"{work}/pki/ca.pem", "--log-level", "warn"]
         a = start([AGENT, "run", "--node-id", "a", "--region", "r", *common, "--cert-file", f"{work}/pki/a.pem", "--key-file", f"{work}/pki/a.key",
-                   "--gossip-addr", "127.0.0.1:28301", "--data-addr", "127.0.0.1:28311", "--admin-addr", "127.0.0.1:28321",
+                   "--gossip-addr", "127.0.0.1:28301", "--data-addr", "127.0.0.1:28311", "--admin-addr", "127.0.0.1:28321", "--dns-addr", "127.0.0.1:0",
                    "--data-dir", f"{work}/a", "--upstream", "web=127.0.0.1:28001", "--upstream", "bulk=127.0.0.1:28002"])
         b = start([AGENT, "run", "--node-id", "b", "--region", "r", *common, "--cert-file", f"{work}/pki/b.pem", "--key-file", f"{work}/pki/b.key",
-                   "--gossip-addr", "127.0.0.1:28302", "--data-addr", "127.0.0.1:28312", "--admin-addr", "127.0.0.1:28322",
+                   "--gossip-addr", "127.0.0.1:28302", "--data-addr", "127.0.0.1:28312", "--admin-addr", "127.0.0.1:28322", "--dns-addr", "127.0.0.1:0",
                    "--data-dir", f"{work}/b", "--join", "127.0.0.1:28301", "--service", f"web={NGINX_PORT}", "--service", f"bulk={IPERF_PORT}"])
         procs += [a, b]
         wait_port(28001)

@@ -118,7 +118,7 @@ class Grapevine(System):
             with open(self.key, "w") as f:
                 f.write(subprocess.check_output([AGENT, "keygen"], text=True))
         return [AGENT, "run", "--node-id", f"g{i}", "--region", f"r{i % self.regions}", "--log-format", "json",
-                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 200 + i}",
+                "--gossip-addr", f"127.0.0.1:{base + i}", "--admin-addr", f"127.0.0.1:{base + 200 + i}", "--dns-addr", "127.0.0.1:0",
                 "--cluster-key-file", self.key, "--data-dir", os.path.join(workdir, f"g{i}"),
                 "--join", f"127.0.0.1:{base}"] + self.extra
 

@@ -21,6 +21,7 @@ trap cleanup EXIT INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 admin() { echo "127.0.0.1:$((17070 + $1))"; }
+dns() { echo "127.0.0.1:$((18600 + $1))"; }
 
 "$AGENT" keygen > "$WORK/cluster.key"
 "$AGENT" ca init --out "$WORK/pki" --cluster demo > /dev/null
@@ -39,17 +40,19 @@ for i in "${!NODES[@]}"; do
   extra=()
   [ "$n" -gt 1 ] && extra+=(--join 127.0.0.1:17941)
   [ "${REGIONS[$i]}" = eu-central ] && extra+=(--service "chat=$app_port")
+  [ "$node" = west-1 ] && extra+=(--upstream chat=127.0.0.1:18090)
   [ "$node" = east-1 ] && extra+=(--ingress-listen "$INGRESS" --ingress-route path_prefix=/chat,service=chat \
     --ingress-route path_prefix=/,service=profile --ingress-affinity-cookie meteor_login_token)
   "$AGENT" run --node-id "$node" --region "${REGIONS[$i]}" --zone "${ZONES[$i]}" \
     --cluster demo --cluster-key-file "$WORK/cluster.key" --data-dir "$WORK/$node" \
     --ca-file "$WORK/pki/ca.pem" --cert-file "$WORK/pki/$node.pem" --key-file "$WORK/pki/$node.key" \
     --gossip-addr "127.0.0.1:$((17940 + n))" --data-addr "127.0.0.1:$((17950 + n))" --admin-addr "$(admin $n)" \
+    --dns-addr "$(dns $n)" \
     --service "profile=$app_port,check=http://127.0.0.1:$app_port/healthz,interval=1s,timeout=500ms,rise=2,fall=2" \
     "${extra[@]}" 2> "$WORK/$node.log" &
   PIDS+=($!)
   AGENT_PID[$node]=$!
-  echo "  $node (${REGIONS[$i]}/${ZONES[$i]}): admin $(admin $n), gossip :$((17940 + n)), QUIC :$((17950 + n)), app :$app_port"
+  echo "  $node (${REGIONS[$i]}/${ZONES[$i]}): admin $(admin $n), DNS $(dns $n), gossip :$((17940 + n)), QUIC :$((17950 + n)), app :$app_port"
 done
 echo "  ingress on east-1: http://$INGRESS (/chat -> chat, / -> profile; sticky by cookie meteor_login_token)"
 
@@ -71,6 +74,12 @@ wait_for "all six agents see eight healthy instances (6 profile, 2 chat)" 60 all
 
 say "agent status (asked of east-1)"
 "$AGENT" status --admin-addr "$(admin 1)"
+
+say "discovery by DNS, asked of west-1: profile's instances nearest first (SRV: priority = region rank, weight, port, node), and west-1's local port for chat"
+echo "  \$ dig @127.0.0.1 -p 18603 +short SRV profile.service.grapevine"
+dig @127.0.0.1 -p 18603 +short +time=2 SRV profile.service.grapevine | sed 's/^/  /'
+echo "  \$ dig @127.0.0.1 -p 18603 +short SRV chat.upstream.grapevine"
+dig @127.0.0.1 -p 18603 +short +time=2 SRV chat.upstream.grapevine | sed 's/^/  /'
 
 say "where sessions go: the same key reaches the same instance from every agent of a region"
 for key in alice bob carol; do

@@ -17,6 +17,10 @@ need_cargo_tool cargo-nextest cargo-nextest
 # Debian packages: name of a command each provides, then the package. `deps.sh bench` adds the
 # peers the benchmarks measure against.
 packages='curl curl'
+if [ "${1:-}" = demo ]; then
+  packages="$packages
+dig bind9-dnsutils"
+fi
 if [ "${1:-}" = sim-netns ]; then
   packages="$packages
 nft nftables

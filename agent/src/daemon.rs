@@ -170,6 +170,8 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         .await
         .with_context(|| format!("cannot bind admin_addr {} (TCP)", config.admin_addr))?;
     let admin_bound = admin_listener.local_addr().context("reading the admin address")?;
+    let (dns_udp, dns_tcp) = bind_dns(config.dns_addr).await?;
+    let dns_bound = dns_udp.local_addr().context("reading the DNS address")?;
     // The data plane's socket and listeners are bound now, so that a busy port stops the
     // agent before it joins anything.
     let data_socket = match &credentials {
@@ -194,6 +196,12 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
             .with_context(|| format!("cannot bind upstream {} on {}", u.service, u.listen))?;
         upstream_listeners.push((u.service.clone(), l));
     }
+    let upstream_addrs: Vec<crate::dns::UpstreamListener> = upstream_listeners
+        .iter()
+        .filter_map(|(service, l)| {
+            l.local_addr().ok().map(|addr| crate::dns::UpstreamListener { service: service.clone(), addr })
+        })
+        .collect();
     let ingress_listener = match &config.ingress {
         Some(i) => Some(
             tokio::net::TcpListener::bind(i.listen)
@@ -295,6 +303,8 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         metrics,
         leave: leave_tx,
     };
+    let dns_handler = crate::dns::Handler::new(membership.snapshots(), upstream_addrs, admin_state.metrics.clone());
+    background.push(tokio::spawn(crate::dns::serve(dns_udp, dns_tcp, dns_handler)));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
         let _ = stop_admin_rx.wait_for(|stop| *stop).await;
     }));
@@ -306,6 +316,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         gossip_addr = %gossip_bound,
         gossip_advertise = %gossip_advertise,
         admin_addr = %admin_bound,
+        dns_addr = %dns_bound,
         data_addr = %data_advertise.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         generation,
         "agent ready"
@@ -361,6 +372,23 @@ async fn wait_for_stop(leave: &mut watch::Receiver<bool>) -> &'static str {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = leave.wait_for(|l| *l) => "agent leave",
     }
+}
+
+/// Binds DNS: TCP and UDP on one port. With port 0, TCP picks the port and UDP follows; a port
+/// free for one protocol may be taken for the other, so that is tried a few times.
+async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    let tries = if addr.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..tries {
+        let tcp =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind dns_addr {addr} (TCP)"))?;
+        let bound = tcp.local_addr().context("reading the DNS address")?;
+        match tokio::net::UdpSocket::bind(bound).await {
+            Ok(udp) => return Ok((udp, tcp)),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("cannot bind dns_addr {bound} (UDP)"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("cannot bind dns_addr {addr}")))
 }
 
 #[cfg(test)]

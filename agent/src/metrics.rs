@@ -66,6 +66,7 @@ pub struct Metrics {
     pub streams: Family<StreamLabel, Counter>,
     pub ejections: Counter,
     pub ingress_requests: Family<CodeLabel, Counter>,
+    pub dns_queries: Family<KindLabel, Counter>,
     /// Members in each gossip pool this agent belongs to (`region`, `wan`).
     pub pool_size: Family<KindLabel, Gauge>,
     /// Version hints sent, received, and pulls they started (`sent`, `received`, `pull`).
@@ -133,6 +134,12 @@ impl Metrics {
         );
         let ingress_requests = Family::<CodeLabel, Counter>::default();
         registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
+        let dns_queries = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries by outcome (answered, empty, nxdomain, refused, formerr)",
+            dns_queries.clone(),
+        );
         let pool_size = Family::<KindLabel, Gauge>::default();
         registry.register(
             "pool_members",
@@ -187,6 +194,7 @@ impl Metrics {
             streams,
             ejections,
             ingress_requests,
+            dns_queries,
             pool_size,
             hints,
             suspects,
@@ -218,6 +226,10 @@ impl Metrics {
 
     pub fn stream(&self, direction: &'static str, result: &'static str) {
         self.streams.get_or_create(&StreamLabel { direction, result }).inc();
+    }
+
+    pub fn dns(&self, kind: &'static str) {
+        self.dns_queries.get_or_create(&KindLabel { kind }).inc();
     }
 
     pub fn ingress(&self, code: &str) {

@@ -116,6 +116,8 @@ pub struct Agent {
     pub id: String,
     pub admin: SocketAddr,
     pub gossip: SocketAddr,
+    /// DNS, UDP and TCP on the same port.
+    pub dns: SocketAddr,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     opts: AgentOpts,
@@ -166,7 +168,7 @@ impl Cluster {
         let mut cmd = Command::new(agent_bin());
         cmd.args(["run", "--log-format", "json", "--log-level", "info"])
             .args(["--node-id", &opts.node_id, "--region", &opts.region])
-            .args(["--gossip-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+            .args(["--gossip-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0"])
             .args(["--gossip-interval", &self.gossip_interval])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -221,6 +223,7 @@ impl Cluster {
             id: opts.node_id.clone(),
             admin: addr("admin_addr"),
             gossip: addr("gossip_advertise"),
+            dns: addr("dns_addr"),
             data_dir,
             log,
             opts,

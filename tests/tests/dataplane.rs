@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use grapevine_tests::{Agent, AgentOpts, Backend, Cluster, WsBackend, free_port, http, wait_until};
+use hickory_server::proto::op::{Message, Query, ResponseCode};
+use hickory_server::proto::rr::{Name, RecordType};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -278,4 +280,79 @@ fn sigterm_drains_open_connections_before_leaving() {
     let status = b.wait_exit(Duration::from_secs(20));
     assert!(status.success());
     wait_until("the others see it left", CONVERGE, || a.state_of("server").as_deref() == Some("left"));
+}
+
+/// Asks `server` one DNS question over UDP (or TCP, with its two-byte length prefix).
+fn dns(server: SocketAddr, name: &str, kind: RecordType, tcp: bool) -> Message {
+    let mut q = Message::query();
+    q.metadata.id = 7;
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+    let bytes = q.to_vec().unwrap();
+    let reply = if tcp {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(server).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        body
+    } else {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.send_to(&bytes, server).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.recv(&mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    Message::from_vec(&reply).unwrap()
+}
+
+fn rdata(m: &Message) -> Vec<String> {
+    m.answers.iter().map(|r| r.data.to_string()).collect()
+}
+
+#[test]
+fn an_app_finds_services_and_its_upstream_port_by_dns() {
+    let cluster = Cluster::new();
+    let app = Backend::start("web-app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("caller", "us-east").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let _b = cluster.start(AgentOpts::new("web-1", "us-west").join(a.gossip).service(&format!(
+        "web={},{}",
+        app.port(),
+        check(&app)
+    )));
+    wait_until("the caller sees the web instance healthy", CONVERGE, || healthy(&a, "web") == 1);
+
+    // The instance: its host's address, and by SRV its port and node, in both transports.
+    for tcp in [false, true] {
+        let m = dns(a.dns, "web.service.grapevine.", RecordType::A, tcp);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(rdata(&m), ["127.0.0.1"], "tcp: {tcp}");
+    }
+    let srv = dns(a.dns, "web.service.grapevine.", RecordType::SRV, false);
+    let answers = rdata(&srv);
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].contains(&format!(" {} web-1.node.grapevine.", app.port())), "{answers:?}");
+    assert_eq!(srv.additionals.len(), 1, "the target's address comes along");
+    // The upstream listener: where the app should connect.
+    let up = dns(a.dns, "web.upstream.grapevine.", RecordType::SRV, false);
+    assert!(rdata(&up)[0].contains(&format!(" {port} ")), "{:?}", rdata(&up));
+    // No such service; not our zone.
+    assert_eq!(
+        dns(a.dns, "nope.service.grapevine.", RecordType::A, false).metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(dns(a.dns, "example.com.", RecordType::A, false).metadata.response_code, ResponseCode::Refused);
+
+    // An instance failing its check leaves the answer within seconds.
+    app.healthy.store(false, Ordering::Relaxed);
+    wait_until("the unhealthy instance leaves the DNS answer", CONVERGE, || {
+        dns(a.dns, "web.service.grapevine.", RecordType::A, false).answers.is_empty()
+    });
+    assert!(a.metric("grapevine_dns_queries_total", "kind=\"answered\"") >= 3.0);
 }
