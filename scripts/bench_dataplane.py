@@ -14,7 +14,8 @@ from /proc), bulk throughput of one TCP connection (iperf3 through the chain) wi
 receive errors during it, and RSS per idle connection (10,000 connections held open; an agent
 holds one descriptor per connection, haproxy two, so haproxy holds as many as its descriptor
 limit allows, 9,800 under this machine's hard limit of 20,000), for both proxies together and
-per proxy process.
+per proxy process. The idle figure is taken once per chain; the others in rounds (three by
+default), every chain once per round, and the medians are shown.
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,7 +107,8 @@ def start(argv, **kw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--seconds", type=int, default=6, help="length of each wrk run")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the latency, saturation and bulk runs; medians are shown")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections for the RSS figure")
     args = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -201,47 +204,70 @@ backend be_bulk
 
         chains = [Chain("direct", NGINX_PORT, []), Chain("grapevine", 28001, [a.pid, b.pid]), Chain("haproxy", 28101, [hap_a.pid, hap_b.pid])]
         bulk_ports = {"direct": IPERF_PORT, "grapevine": 28002, "haproxy": 28103}
-        results = {}
+        results = {c.name: {} for c in chains}
+        # Idle connections first, on proxies that have only been warmed up: after bulk and
+        # saturation runs, their heaps have room to spare and the figure would read low.
         for c in chains:
-            print(f"  {c.name} ...", file=sys.stderr, flush=True)
-            r = {}
             wrk(c.port, 1, 1)  # warm up: connections, handshakes
-            # Idle connections first, on proxies that have only been warmed up: after bulk and
-            # saturation runs, their heaps have room to spare and the figure would read low.
-            if c.pids and idle_for[c.name]:
-                before = rss_kb(c.pids)
-                socks = []
-                for _ in range(idle_for[c.name]):
-                    s = socket.create_connection(("127.0.0.1", c.port))
-                    socks.append(s)
-                time.sleep(3)
-                # Check the last connection really reached the backend.
-                socks[-1].sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                socks[-1].settimeout(10)
-                ok = socks[-1].recv(100).startswith(b"HTTP/1.1 200")
-                r["rss_per_conn"] = (rss_kb(c.pids) - before) * 1024 / len(socks)
-                r["idle_conns"] = len(socks)
-                r["idle_ok"] = ok
-                for s in socks:
-                    s.close()
-                time.sleep(2)
-            r["p50_c1"], r["p99_c1"], _, _, _ = wrk(c.port, 1, args.seconds)
-            t0 = cpu_ticks(c.pids) if c.pids else 0
-            r["p50_c64"], r["p99_c64"], r["rps"], total, r["errors"] = wrk(c.port, 64, args.seconds)
-            r["cpu_us"] = (cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0
-            e0 = udp_rcv_errors()
-            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
-            try:
-                import json
-                r["gbit"] = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
-            except (ValueError, KeyError):
-                r["gbit"] = None
-            r["udp_errors"] = udp_rcv_errors() - e0
-            results[c.name] = r
+            if not (c.pids and idle_for[c.name]):
+                continue
+            print(f"  {c.name}: {idle_for[c.name]} idle connections ...", file=sys.stderr, flush=True)
+            r = results[c.name]
+            before = rss_kb(c.pids)
+            socks = []
+            for _ in range(idle_for[c.name]):
+                s = socket.create_connection(("127.0.0.1", c.port))
+                socks.append(s)
+            time.sleep(3)
+            # Check the last connection really reached the backend.
+            socks[-1].sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            socks[-1].settimeout(10)
+            ok = socks[-1].recv(100).startswith(b"HTTP/1.1 200")
+            r["rss_per_conn"] = (rss_kb(c.pids) - before) * 1024 / len(socks)
+            r["idle_conns"] = len(socks)
+            r["idle_ok"] = ok
+            for s in socks:
+                s.close()
+            time.sleep(2)
+
+        # Rounds: every chain once per round, in turn, so a burst of noise on this shared
+        # machine lands on one round of each rather than on one chain; the medians are shown.
+        samples = {c.name: {} for c in chains}
+        for rnd in range(args.rounds):
+            for c in chains:
+                print(f"  round {rnd + 1}/{args.rounds}: {c.name} ...", file=sys.stderr, flush=True)
+                m = samples[c.name]
+                p50, p99, _, _, _ = wrk(c.port, 1, args.seconds)
+                m.setdefault("p50_c1", []).append(p50)
+                m.setdefault("p99_c1", []).append(p99)
+                t0 = cpu_ticks(c.pids) if c.pids else 0
+                p50, p99, rps, total, errors = wrk(c.port, 64, args.seconds)
+                m.setdefault("p50_c64", []).append(p50)
+                m.setdefault("p99_c64", []).append(p99)
+                m.setdefault("rps", []).append(rps)
+                m.setdefault("errors", []).append(errors)
+                m.setdefault("cpu_us", []).append((cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0)
+                e0 = udp_rcv_errors()
+                out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
+                try:
+                    import json
+                    m.setdefault("gbit", []).append(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9)
+                except (ValueError, KeyError):
+                    pass
+                m.setdefault("udp_errors", []).append(udp_rcv_errors() - e0)
+        for name, m in samples.items():
+            for key, vals in m.items():
+                if key == "errors":
+                    results[name][key] = "; ".join(v for v in vals if v)
+                elif key == "udp_errors":
+                    results[name][key] = sum(vals)
+                elif vals:
+                    results[name][key] = statistics.median(vals)
+                results[name][key + "_all"] = vals
 
         d, g, h = results["direct"], results["grapevine"], results["haproxy"]
         print()
-        print("data plane on loopback, one run; added = chain minus direct; ratio = grapevine / haproxy")
+        print(f"data plane on loopback, one run, medians of {args.rounds} rounds; added = chain minus direct; ratio = grapevine / haproxy")
         print(f"  {'metric':<44} {'direct':>10} {'grapevine':>11} {'haproxy':>10} {'ratio':>7}")
 
         def row(title, key, unit, added=False, fmt="{:.0f}"):
@@ -261,12 +287,14 @@ backend be_bulk
         row("requests/s, concurrency 64", "rps", "")
         row("proxy CPU per request (both proxies)", "cpu_us", " µs", fmt="{:.1f}")
         row("bulk, one TCP connection (iperf3)", "gbit", " Gbit/s", fmt="{:.2f}")
-        row("UDP receive errors during bulk", "udp_errors", "")
+        row("UDP receive errors during bulk (all rounds)", "udp_errors", "")
         if "rss_per_conn" in g:
             print(f"  {'RSS per idle connection, both proxies':<44} {'-':>10} {g['rss_per_conn']:>8.0f} B {h['rss_per_conn']:>8.0f} B {g['rss_per_conn'] / h['rss_per_conn']:>7.2f}")
             print(f"  {'RSS per idle connection, per proxy':<44} {'-':>10} {g['rss_per_conn'] / 2:>8.0f} B {h['rss_per_conn'] / 2:>8.0f} B {g['rss_per_conn'] / h['rss_per_conn']:>7.2f}")
             print(f"  (held open: grapevine {g['idle_conns']}, haproxy {h['idle_conns']})")
             print(f"  (the last idle connection answered a request: grapevine {g['idle_ok']}, haproxy {h['idle_ok']})")
+        bulk = {n: " ".join(f"{v:.2f}" for v in results[n].get("gbit_all", [])) for n in ("grapevine", "haproxy")}
+        print(f"  (bulk per round, Gbit/s: grapevine {bulk['grapevine']}; haproxy {bulk['haproxy']})")
         for name, r in results.items():
             if r["errors"]:
                 print(f"  note: wrk socket errors on {name}: {r['errors']}")
