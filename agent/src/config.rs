@@ -480,6 +480,7 @@ impl Layer {
             log_format,
             log_level,
             drain_timeout,
+            worker_threads,
             gossip_interval,
             phi_threshold,
             dead_node_grace,
@@ -979,6 +980,17 @@ fn unknown_field(msg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_scalar_setting_survives_a_merge() {
+        // A setting missing from `merge` is read from every source and then dropped.
+        for (key, _) in SCALAR_SETTINGS {
+            let mut later = Layer::default();
+            later.set_scalar(key, "1".into());
+            assert_ne!(later, Layer::default(), "{key} has no field");
+            assert_eq!(Layer::default().merge(later.clone()), later, "merge drops {key}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
