@@ -277,9 +277,39 @@ fn sigterm_drains_open_connections_before_leaving() {
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     conn.read_to_string(&mut reply).unwrap();
     assert!(reply.ends_with("helloworld"), "the open connection finished: {reply:?}");
+    drop(conn);
     let status = b.wait_exit(Duration::from_secs(20));
     assert!(status.success());
     wait_until("the others see it left", CONVERGE, || a.state_of("server").as_deref() == Some("left"));
+}
+
+#[test]
+fn a_connection_to_the_instance_on_the_same_host_counts_as_load_and_holds_up_the_drain() {
+    let cluster = Cluster::new();
+    let app = Backend::start("local-app");
+    let port = free_port();
+    let mut solo = cluster.start(AgentOpts::new("solo", "eu").service(&format!("web={}", app.port())).args(&[
+        "--upstream",
+        &format!("web=127.0.0.1:{port}"),
+        "--drain-timeout",
+        "10s",
+    ]));
+    wait_until("the instance is healthy", CONVERGE, || healthy(&solo, "web") == 1);
+    use std::io::{Read, Write};
+    // Spliced straight to the app on this host, never over QUIC.
+    let mut conn = std::net::TcpStream::connect(addr(port)).unwrap();
+    conn.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello").unwrap();
+    let load = |a: &Agent| a.try_get("/v1/services/web").and_then(|s| s["endpoints"][0]["load"].as_u64()).unwrap_or(0);
+    wait_until("the open connection is announced as load", CONVERGE, || load(&solo) == 1);
+    let _ = std::process::Command::new("kill").args(["-TERM", &solo.pid().to_string()]).status();
+    std::thread::sleep(Duration::from_millis(500));
+    conn.write_all(b"world").unwrap();
+    let mut reply = String::new();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("helloworld"), "the drain waited for the local connection: {reply:?}");
+    drop(conn);
+    assert!(solo.wait_exit(Duration::from_secs(20)).success());
 }
 
 /// Asks `server` one DNS question over UDP (or TCP, with its two-byte length prefix).

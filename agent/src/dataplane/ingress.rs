@@ -83,7 +83,7 @@ async fn splice_upgraded(client: hyper::upgrade::Upgraded, backend: hyper::upgra
     let (mut tcp, to_backend) = (client.io.into_inner(), client.read_buf);
     match backend.downcast::<TokioIo<BackendStream>>() {
         Ok(b) => match b.io.into_inner() {
-            BackendStream::Tcp(app) => Splice::with_pending(tcp, app, to_backend, b.read_buf).await,
+            BackendStream::Tcp(app, _active) => Splice::with_pending(tcp, app, to_backend, b.read_buf).await,
             BackendStream::Quic(q) => {
                 let (recv, send) = q.into_inner();
                 Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, b.read_buf).await

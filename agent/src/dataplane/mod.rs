@@ -53,16 +53,58 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const EJECT_AFTER: u32 = 3;
 const EJECT_MAX: Duration = Duration::from_secs(60);
 
-/// A byte stream to an instance: a local TCP connection or a QUIC stream to a peer.
+/// The first wait before dialling a peer again after a failed handshake; it doubles with
+/// each failure in a row, up to [`DIAL_BACKOFF_MAX`].
+const DIAL_BACKOFF: Duration = Duration::from_millis(250);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// One peer's connection and dialling history.
+#[derive(Debug, Default)]
+struct PeerSlot {
+    conn: Option<quinn::Connection>,
+    backoff: DialBackoff,
+}
+
+/// Failed handshakes in a row with a peer at one address, and when the last one ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct DialBackoff {
+    failures: u32,
+    last: Option<(SocketAddr, Instant)>,
+}
+
+impl DialBackoff {
+    fn failed(&mut self, addr: SocketAddr, at: Instant) {
+        if self.last.is_some_and(|(a, _)| a != addr) {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        self.last = Some((addr, at));
+    }
+
+    /// When `addr` may be dialled again; `None` if at once. A peer that moved (restarted on a
+    /// new address) is dialled at once.
+    fn retry_at(&self, addr: SocketAddr) -> Option<Instant> {
+        let (a, at) = self.last?;
+        if a != addr || self.failures == 0 {
+            return None;
+        }
+        let wait = DIAL_BACKOFF.saturating_mul(1 << (self.failures - 1).min(16)).min(DIAL_BACKOFF_MAX);
+        Some(at + wait)
+    }
+}
+
+/// A byte stream to an instance: a local TCP connection or a QUIC stream to a peer. A local
+/// connection counts in this agent's load (and holds up its drain) for as long as it lives,
+/// as a stream from a peer does.
 pub enum BackendStream {
-    Tcp(TcpStream),
+    Tcp(TcpStream, ActiveGuard),
     Quic(tokio::io::Join<quinn::RecvStream, quinn::SendStream>),
 }
 
 impl std::fmt::Debug for BackendStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            BackendStream::Tcp(_) => "BackendStream::Tcp",
+            BackendStream::Tcp(..) => "BackendStream::Tcp",
             BackendStream::Quic(_) => "BackendStream::Quic",
         })
     }
@@ -71,7 +113,7 @@ impl std::fmt::Debug for BackendStream {
 impl AsyncRead for BackendStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tcp(s, _) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Quic(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -80,19 +122,19 @@ impl AsyncRead for BackendStream {
 impl AsyncWrite for BackendStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tcp(s, _) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Quic(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tcp(s, _) => Pin::new(s).poll_flush(cx),
             BackendStream::Quic(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tcp(s, _) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Quic(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -193,7 +235,9 @@ pub struct DataPlane {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     services: Arc<LocalServices>,
     metrics: Arc<Metrics>,
-    peers: tokio::sync::Mutex<HashMap<String, quinn::Connection>>,
+    /// One slot per peer node: the global lock is held only to find the slot, so a handshake
+    /// with one peer (up to [`HANDSHAKE_TIMEOUT`]) never delays traffic to another.
+    peers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<PeerSlot>>>>,
     ejections: Mutex<HashMap<(String, String), Ejection>>,
     pub active: Arc<ActiveConnections>,
     draining: AtomicBool,
@@ -251,7 +295,7 @@ impl DataPlane {
             snapshots,
             services,
             metrics,
-            peers: tokio::sync::Mutex::new(HashMap::new()),
+            peers: std::sync::Mutex::new(HashMap::new()),
             ejections: Mutex::new(HashMap::new()),
             active: Arc::new(ActiveConnections::default()),
             draining: AtomicBool::new(false),
@@ -474,7 +518,7 @@ impl DataPlane {
                 .map_err(|_| "local app connect timed out".to_string())?
                 .map_err(|e| format!("local app: {e}"))?;
             let _ = s.set_nodelay(true);
-            return Ok(BackendStream::Tcp(s));
+            return Ok(BackendStream::Tcp(s, self.active.enter(service)));
         }
         let member = snap.member(&target.node).ok_or("not in the snapshot")?;
         let addr = member.data_addr.ok_or("announces no data address")?;
@@ -484,7 +528,7 @@ impl DataPlane {
         let (mut send, mut recv) = match tokio::time::timeout(ANSWER_TIMEOUT, conn.open_bi()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.peers.lock().await.remove(&target.node);
+                self.forget_connection(&target.node).await;
                 return Err(format!("opening a stream: {e}"));
             }
             Err(_) => return Err("the peer gave no stream credit in time".into()),
@@ -501,12 +545,12 @@ impl DataPlane {
         match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_exact(&mut answer)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                self.peers.lock().await.remove(&target.node);
+                self.forget_connection(&target.node).await;
                 return Err(format!("no answer: {e}"));
             }
             Err(_) => {
                 // A peer that does not answer may be gone: the next attempt starts afresh.
-                self.peers.lock().await.remove(&target.node);
+                self.forget_connection(&target.node).await;
                 return Err("no answer in time".into());
             }
         }
@@ -517,24 +561,66 @@ impl DataPlane {
         }
     }
 
+    fn peer_slot(&self, node: &str) -> Arc<tokio::sync::Mutex<PeerSlot>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.entry(node.to_string()).or_default().clone()
+    }
+
+    /// Drops the connection to a peer that stopped answering: the next request dials afresh.
+    async fn forget_connection(&self, node: &str) {
+        self.peer_slot(node).lock().await.conn = None;
+    }
+
     /// The connection to a peer, reused, or a new one (the server name is its node id, which
-    /// its certificate must name).
+    /// its certificate must name). Requests to one peer wait for one handshake together;
+    /// after a failed handshake the peer is not dialled again until its backoff has passed,
+    /// and requests fail at once so the caller moves on to the next instance.
     async fn connection(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, String> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(node) {
+        let slot = self.peer_slot(node);
+        let mut slot = slot.lock().await;
+        if let Some(c) = &slot.conn {
             if c.close_reason().is_none() && c.remote_address() == addr {
                 return Ok(c.clone());
             }
-            peers.remove(node);
+            slot.conn = None;
         }
-        let connecting = self.endpoint.connect(addr, node).map_err(|e| format!("connect: {e}"))?;
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("QUIC handshake: {e}")),
-            Err(_) => return Err("QUIC handshake timed out".into()),
+        let now = Instant::now();
+        if let Some(at) = slot.backoff.retry_at(addr).filter(|&at| now < at) {
+            return Err(format!(
+                "not dialling again for {} ms after {} failed handshakes",
+                (at - now).as_millis(),
+                slot.backoff.failures
+            ));
+        }
+        let result = match self.endpoint.connect(addr, node) {
+            Err(e) => Err(format!("connect: {e}")),
+            Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => {
+                    // TLS alerts travel as QUIC's crypto error codes, 0x100 to 0x1ff.
+                    let tls = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+                    if matches!(&e, quinn::ConnectionError::TransportError(t) if tls(t.code))
+                        || matches!(&e, quinn::ConnectionError::ConnectionClosed(c) if tls(c.error_code))
+                    {
+                        // Our verifier refused its certificate, or it refused ours.
+                        self.metrics.refused("handshake_out");
+                    }
+                    Err(format!("QUIC handshake: {e}"))
+                }
+                Err(_) => Err("QUIC handshake timed out".into()),
+            },
         };
-        peers.insert(node.to_string(), conn.clone());
-        Ok(conn)
+        match result {
+            Ok(conn) => {
+                slot.backoff = DialBackoff::default();
+                slot.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                slot.backoff.failed(addr, Instant::now());
+                Err(e)
+            }
+        }
     }
 
     fn is_ejected(&self, service: &str, node: &str) -> bool {
@@ -599,4 +685,30 @@ pub async fn splice(
     let _ = a.shutdown().await;
     let _ = b.shutdown().await;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_fails_handshakes_is_dialled_less_often_until_it_moves() {
+        let a: SocketAddr = "10.0.0.1:7947".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:7947".parse().unwrap();
+        let t0 = Instant::now();
+        let mut d = DialBackoff::default();
+        assert_eq!(d.retry_at(a), None, "never failed: dial at once");
+        d.failed(a, t0);
+        assert_eq!(d.retry_at(a), Some(t0 + DIAL_BACKOFF));
+        d.failed(a, t0);
+        d.failed(a, t0);
+        assert_eq!(d.retry_at(a), Some(t0 + DIAL_BACKOFF * 4), "doubles with each failure in a row");
+        for _ in 0..40 {
+            d.failed(a, t0);
+        }
+        assert_eq!(d.retry_at(a), Some(t0 + DIAL_BACKOFF_MAX), "and stops growing");
+        assert_eq!(d.retry_at(b), None, "a peer on a new address is dialled at once");
+        d.failed(b, t0);
+        assert_eq!(d.failures, 1, "failures count per address");
+    }
 }

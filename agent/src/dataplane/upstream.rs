@@ -29,8 +29,8 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
                         let (recv, send) = q.into_inner();
                         tokio::spawn(splice::tcp_quic(client, send, recv));
                     }
-                    BackendStream::Tcp(app) => {
-                        tokio::spawn(splice::Splice::new(client, app));
+                    BackendStream::Tcp(app, active) => {
+                        tokio::spawn(splice::Holding::new(splice::Splice::new(client, app), active));
                     }
                 },
                 Err(e) => {
