@@ -54,6 +54,7 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
     let mut elected_since: Option<Instant> = None;
     let mut last_poke = Instant::now();
     const LONELY_FIRST: Duration = Duration::from_millis(500);
+    let lonely_max = (shared.config.gossip.interval * 2).max(Duration::from_secs(2));
     let mut lonely_backoff = LONELY_FIRST;
     let mut lonely_next = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -98,7 +99,13 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
         if peers == 0 && now >= lonely_next {
             super::ask_seeds(&shared).await;
             lonely_next = now + lonely_backoff;
-            lonely_backoff = (lonely_backoff * 2).min(Duration::from_secs(60));
+            // Up to every other WAN round, not a minute: the question or the answer may be
+            // lost on a lossy link between regions, and at a cold start the seeds may know no
+            // gateway yet; with a doubling backoff to a minute a cluster with 20% loss between
+            // its regions went 35 s without a WAN pool. Only a lonely gateway asks (in a
+            // one-region cluster the two gateways keep each other company).
+            let cap = lonely_max;
+            lonely_backoff = (lonely_backoff * 2).min(cap);
         } else if peers > 0 {
             lonely_backoff = LONELY_FIRST;
         }
@@ -271,7 +278,8 @@ async fn publish(shared: &Shared, snap: &crate::cluster::snapshot::Snapshot) -> 
 /// WAN interval, start a round with every gateway chitchat does not call live, among those
 /// their regions list as gateways now (`listed`): a former gateway lingers in the pool as a
 /// dead node for `dead_node_grace`, and poking each of those with a full digest every round
-/// would cost far more than the pool itself.
+/// would cost far more than the pool itself. Also starts a round with each gateway heard of
+/// that the pool has never met.
 async fn poke_silent(shared: &Shared, listed: &HashSet<String>) {
     let wan = shared.wan.lock().await;
     let Some(pool) = wan.as_ref() else { return };
@@ -279,15 +287,44 @@ async fn poke_silent(shared: &Shared, listed: &HashSet<String>) {
         let c = pool.chitchat.lock().await;
         let me = c.self_chitchat_id().clone();
         let live: HashSet<&ChitchatId> = c.live_nodes().collect();
-        c.node_states()
+        let mut silent: Vec<SocketAddr> = c
+            .node_states()
             .keys()
             .filter(|id| **id != me && id.node_id != me.node_id && !live.contains(id) && listed.contains(&*id.node_id))
             .map(|id| id.gossip_advertise_addr)
-            .collect()
+            .collect();
+        // Gateways this agent has heard of (from join replies) that the pool has never met:
+        // the pool met its seeds only if the first exchange got through, and a pool with one
+        // member already (the region's other gateway) is not lonely, so nothing else would
+        // ever try them again.
+        let met: HashSet<SocketAddr> = c.node_states().keys().map(|id| id.gossip_advertise_addr).collect();
+        silent.extend(wan_seeds(shared).into_iter().filter(|a| !met.contains(a)));
+        silent.sort();
+        silent.dedup();
+        silent
     };
     for addr in silent {
         let _ = pool.handle.gossip(addr);
     }
+}
+
+/// Whether a gateway's summary sees at least half of its region's (not departed) members
+/// alive. One that does not is more likely cut off from its region than speaking for it: a
+/// member whose packets out were lost sees everyone else dead, elects itself, and at the heal
+/// its summary reached the other regions as the freshest word on its region, so they showed
+/// every member of it dead for a moment. Such a gateway neither unseats the others nor is
+/// preferred to them; when no gateway of a region is credible (most of it really died), the
+/// summaries are used as before.
+fn credible(state: &chitchat::NodeState) -> bool {
+    let (mut alive, mut dead) = (0usize, 0usize);
+    for (_, v) in state.iter_prefix(SUMMARY_PREFIX) {
+        if v.value.contains("\"state\":\"alive\"") {
+            alive += 1;
+        } else if v.value.contains("\"state\":\"dead\"") {
+            dead += 1;
+        }
+    }
+    alive >= dead
 }
 
 /// Copies the other regions' members and reachability from the WAN pool into this region.
@@ -302,8 +339,8 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
         let pool = wan.as_ref()?;
         let c = pool.chitchat.lock().await;
         let me = c.self_chitchat_id().clone();
-        // Per region: (fresh, gateway id, when its heartbeat last advanced).
-        let mut by_region: BTreeMap<String, Vec<(bool, &ChitchatId, Instant)>> = BTreeMap::new();
+        // Per region: (fresh, gateway id, when its heartbeat last advanced, credible).
+        let mut by_region: BTreeMap<String, Vec<(bool, &ChitchatId, Instant, bool)>> = BTreeMap::new();
         for (id, state) in c.node_states() {
             if *id == me {
                 continue;
@@ -317,7 +354,7 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
             if let Some(r) = state.get(KEY_REGION)
                 && r != region
             {
-                by_region.entry(r.to_string()).or_default().push((fresh, id, entry.1));
+                by_region.entry(r.to_string()).or_default().push((fresh, id, entry.1, credible(state)));
             }
         }
         heard.retain(|id, _| c.node_states().contains_key(id));
@@ -328,10 +365,11 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
         for gateways in by_region.values_mut() {
             let lists: Vec<(Instant, Option<&str>)> =
                 gateways.iter().map(|g| (g.2, c.node_state(g.1).and_then(|s| s.get(KEY_GATEWAYS)))).collect();
+            let lists: Vec<_> = lists.into_iter().zip(gateways.iter().map(|g| g.3)).collect();
             for g in gateways.iter_mut() {
-                let dropped = lists
-                    .iter()
-                    .any(|(at, list)| *at > g.2 && list.is_some_and(|l| !l.split(',').any(|id| id == &*g.1.node_id)));
+                let dropped = lists.iter().any(|((at, list), credible)| {
+                    *credible && *at > g.2 && list.is_some_and(|l| !l.split(',').any(|id| id == &*g.1.node_id))
+                });
                 if dropped {
                     g.0 = false;
                 }
@@ -348,10 +386,12 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
                 .and_then(|g| c.node_state(g.1))
                 .and_then(|s| s.get(KEY_GATEWAYS))
                 .map(|l| l.split(',').filter(|id| !id.is_empty()).map(str::to_string).collect());
-            // Fresh ones first, then by id (and the newest instance of a restarted gateway).
+            // Fresh ones first, credible ones next, then by id (and the newest instance of a
+            // restarted gateway).
             gateways.sort_by(|a, b| {
-                (!a.0, &a.1.node_id, std::cmp::Reverse(a.1.generation_id)).cmp(&(
+                (!a.0, !a.3, &a.1.node_id, std::cmp::Reverse(a.1.generation_id)).cmp(&(
                     !b.0,
+                    !b.3,
                     &b.1.node_id,
                     std::cmp::Reverse(b.1.generation_id),
                 ))
@@ -366,7 +406,7 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
             ids.dedup();
             listed.extend(current.unwrap_or_else(|| ids.iter().cloned().collect()));
             reach.insert(r.clone(), RegionInfo { gateways: ids, reachable });
-            if let Some((_, source, _)) = gateways.first()
+            if let Some((_, source, ..)) = gateways.first()
                 && let Some(state) = c.node_state(source)
             {
                 for (k, v) in state.iter_prefix(SUMMARY_PREFIX) {
