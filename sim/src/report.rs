@@ -156,7 +156,15 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
         };
         match a.action.as_str() {
             "crash" | "leave" => {
-                let want = if a.action == "crash" { vec![MemberState::Dead] } else { vec![MemberState::Left] };
+                // When a whole region goes at once, no gateway is left to report its members
+                // dead: other regions see them `unreachable`, as behind a cut, and route
+                // elsewhere; either counts as seen.
+                let region_gone = a.action == "crash" && a.nodes.len() > 1;
+                let want = match (a.action.as_str(), region_gone) {
+                    ("crash", false) => vec![MemberState::Dead],
+                    ("crash", true) => vec![MemberState::Dead, MemberState::Unreachable],
+                    _ => vec![MemberState::Left],
+                };
                 let observers = &a.observers;
                 let per: Vec<_> = a
                     .nodes
@@ -168,7 +176,12 @@ pub fn build(rec: &Recording, scenario: &crate::scenario::Scenario, seed: u64, s
                             .collect()
                     })
                     .collect();
-                figure(if a.action == "crash" { "dead" } else { "left" }, per, observers.len());
+                let seen_as = match (a.action.as_str(), region_gone) {
+                    ("crash", false) => "dead",
+                    ("crash", true) => "dead (in other regions: unreachable)",
+                    _ => "left",
+                };
+                figure(seen_as, per, observers.len());
             }
             "restart" | "join" => {
                 let observers = &a.observers;

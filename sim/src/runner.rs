@@ -18,7 +18,7 @@ use grapevine_agent::metrics::Metrics;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::net::SimNet;
+use crate::net::{Side, SimNet};
 use crate::scenario::{Scenario, parse_duration};
 
 /// One simulated node.
@@ -177,6 +177,23 @@ impl World {
         self.regions.iter().position(|r| r == name).ok_or_else(|| anyhow::anyhow!("no region named {name:?}"))
     }
 
+    /// A side of a partition or lossy link: each name a region, else a node id.
+    fn side(&self, names: &[String]) -> anyhow::Result<Side> {
+        let mut side = Side::default();
+        for name in names {
+            match self.region(name) {
+                Ok(r) => {
+                    side.regions.insert(r);
+                }
+                Err(_) => {
+                    let i = self.index(name).map_err(|_| anyhow::anyhow!("{name:?} is neither a region nor a node"))?;
+                    side.nodes.insert(self.nodes[i].addr);
+                }
+            }
+        }
+        Ok(side)
+    }
+
     fn add_node(&mut self, region: usize) -> usize {
         let index = self.nodes.iter().filter(|n| n.region == region).count();
         let id = format!("{}-{}", self.regions[region], index + 1);
@@ -213,6 +230,7 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
     for (i, row) in latency.iter_mut().enumerate() {
         row[i] = local;
     }
+    let mut pair_loss = Vec::new();
     for p in &net_spec.pairs {
         let a = regions
             .iter()
@@ -222,11 +240,18 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             .iter()
             .position(|r| *r == p.b)
             .ok_or_else(|| anyhow::anyhow!("network.pair: no region {:?}", p.b))?;
-        let d = parse_duration("network.pair.latency", &p.latency)?;
-        latency[a][b] = d;
-        latency[b][a] = d;
+        if let Some(l) = &p.latency {
+            let d = parse_duration("network.pair.latency", l)?;
+            latency[a][b] = d;
+            latency[b][a] = d;
+        }
+        pair_loss.extend(p.loss.map(|rate| (a, b, rate)));
     }
     let net = SimNet::new(latency, net_spec.jitter.unwrap_or(0.1), net_spec.loss.unwrap_or(0.0), seed);
+    for (a, b, rate) in pair_loss {
+        let side = |r: usize| Side { regions: [r].into(), nodes: Default::default() };
+        net.set_link_loss(side(a), side(b), false, rate);
+    }
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
     let gossip = scenario.gossip_settings()?;
@@ -341,16 +366,13 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             }
             "partition" => {
                 let (a, b) = e.between.clone().unwrap_or_default();
-                let a: Vec<usize> = a.iter().map(|r| w.region(r)).collect::<Result<_, _>>()?;
-                let b: Vec<usize> = b.iter().map(|r| w.region(r)).collect::<Result<_, _>>()?;
-                w.net.partition(&a, &b, e.one_way);
+                w.net.partition(w.side(&a)?, w.side(&b)?, e.one_way);
                 for o in w.nodes.iter().filter(|n| n.up) {
-                    for s in w.nodes.iter().filter(|n| n.up && !w.net.reachable(n.region, o.region)) {
+                    for s in w.nodes.iter().filter(|n| n.up && n.id != o.id && !w.net.reachable(n.addr, o.addr)) {
                         applied.cut_pairs.push((o.id.clone(), s.id.clone()));
                     }
                 }
-                let names = |v: &[usize]| v.iter().map(|&r| w.regions[r].clone()).collect::<Vec<_>>().join("+");
-                applied.detail = format!("{} {} {}", names(&a), if e.one_way { "->" } else { "<->" }, names(&b));
+                applied.detail = format!("{} {} {}", a.join("+"), if e.one_way { "->" } else { "<->" }, b.join("+"));
             }
             "heal" => w.net.heal(),
             "unhealthy" | "healthy" => {
@@ -363,8 +385,22 @@ pub async fn run(scenario: &Scenario, seed: u64) -> anyhow::Result<Recording> {
             }
             "loss" => {
                 let rate = e.rate.unwrap_or(0.0);
-                w.net.set_loss(rate);
-                applied.detail = format!("{:.0}%", rate * 100.0);
+                match &e.between {
+                    Some((a, b)) => {
+                        w.net.set_link_loss(w.side(a)?, w.side(b)?, e.one_way, rate);
+                        applied.detail = format!(
+                            "{:.0}% {} {} {}",
+                            rate * 100.0,
+                            a.join("+"),
+                            if e.one_way { "->" } else { "<->" },
+                            b.join("+")
+                        );
+                    }
+                    None => {
+                        w.net.set_loss(rate);
+                        applied.detail = format!("{:.0}%", rate * 100.0);
+                    }
+                }
             }
             _ => {}
         }
@@ -518,8 +554,8 @@ async fn observe(world: Arc<tokio::sync::Mutex<World>>, rec: Arc<Mutex<Recording
                     // after a restart is not a false alarm.
                     let ok = subject.is_some_and(|s| {
                         s.up && s.generation == *generation
-                            && w.net.reachable(observer.region, s.region)
-                            && w.net.reachable(s.region, observer.region)
+                            && w.net.reachable(observer.addr, s.addr)
+                            && w.net.reachable(s.addr, observer.addr)
                     });
                     r.transitions.push(Transition {
                         t,

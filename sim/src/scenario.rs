@@ -50,7 +50,7 @@ pub struct NetworkSpec {
     pub remote: Option<String>,
     /// Jitter as a fraction of the latency, uniform in ±jitter (default 0.1).
     pub jitter: Option<f64>,
-    /// Probability that a datagram is lost, everywhere (default 0).
+    /// Probability that a datagram is lost, on every link a pair does not set (default 0).
     pub loss: Option<f64>,
     #[serde(default, rename = "pair")]
     pub pairs: Vec<PairSpec>,
@@ -61,8 +61,12 @@ pub struct NetworkSpec {
 pub struct PairSpec {
     pub a: String,
     pub b: String,
-    /// One-way latency between the two regions.
-    pub latency: String,
+    /// One-way latency between the two regions (a region paired with itself: inside it).
+    #[serde(default)]
+    pub latency: Option<String>,
+    /// Loss on the links between the two regions, both ways, over `network.loss`.
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 /// One fault or change on the timeline.
@@ -81,13 +85,14 @@ pub struct EventSpec {
     /// How many nodes `join` adds.
     #[serde(default)]
     pub count: Option<usize>,
-    /// `partition`: the two sides, as region names.
+    /// `partition` and `loss`: the two sides, each a list of region names and node ids
+    /// (`[["us-east"], ["us-west", "eu-central-2"]]`).
     #[serde(default)]
     pub between: Option<(Vec<String>, Vec<String>)>,
-    /// `partition`: only traffic from the first side to the second is cut.
+    /// `partition`, `loss`: only traffic from the first side to the second.
     #[serde(default)]
     pub one_way: bool,
-    /// `loss`: the new loss rate.
+    /// `loss`: the new loss rate; on the links `between` names, or else on every other link.
     #[serde(default)]
     pub rate: Option<f64>,
 }
@@ -109,6 +114,17 @@ impl Scenario {
             bail!("a scenario needs at least one [[region]]");
         }
         parse_duration("duration", &self.duration)?;
+        for p in &self.network.pairs {
+            if p.latency.is_none() && p.loss.is_none() {
+                bail!("network.pair {} / {} sets neither latency nor loss", p.a, p.b);
+            }
+            if let Some(l) = &p.latency {
+                parse_duration("network.pair.latency", l)?;
+            }
+            if p.loss.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+                bail!("network.pair {} / {}: loss must be from 0 to 1", p.a, p.b);
+            }
+        }
         for e in &self.events {
             parse_duration("event.at", &e.at)?;
             match e.action.as_str() {

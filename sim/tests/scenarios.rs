@@ -175,3 +175,44 @@ fn a_single_region_cluster_does_not_keep_rejoining() {
     let churn = idle.get("region").copied().unwrap_or(0.0) + idle.get("join").copied().unwrap_or(0.0);
     assert!(churn < 150.0, "idle region-pool and join bytes per node per second: {churn:.0} ({idle:?})");
 }
+
+const PARTIAL: &str = r#"
+name = "test-partial"
+duration = "60s"
+[[region]]
+name = "east"
+nodes = 4
+[[region]]
+name = "west"
+nodes = 3
+[network]
+[[network.pair]]
+a = "east"
+b = "west"
+loss = 0.2
+[[event]]
+at = "15s"
+action = "partition"
+between = [["east-3"], ["east", "west"]]
+one_way = true
+[[event]]
+at = "35s"
+action = "heal"
+"#;
+
+#[test]
+fn a_node_whose_packets_out_are_lost_is_seen_dead_and_comes_back() {
+    let (rec, r) = run(PARTIAL, 3);
+    let cut = r.events.iter().find(|e| e.action == "partition").unwrap();
+    // Everyone else (six agents) can no longer hear east-3; east-3 still hears them all.
+    assert_eq!(cut.observers, 6, "{cut:?}");
+    let seen = cut.all_s.unwrap_or_else(|| panic!("every other agent saw east-3 dead or unreachable: {cut:?}"));
+    assert!(seen < 15.0, "took {seen} s");
+    let applied = rec.applied.iter().find(|a| a.action == "partition").unwrap();
+    assert!(applied.cut_pairs.iter().all(|(_, subject)| subject == "east-3"), "{:?}", applied.cut_pairs);
+    let heal = r.events.iter().find(|e| e.action == "heal").unwrap();
+    assert!(heal.all_s.is_some_and(|s| s < 15.0), "{heal:?}");
+    // Neither the lossy link between the regions nor the cut-off node's own view (it saw
+    // everyone dead, as a gateway of one) makes anyone else see live members dead.
+    assert_eq!(r.false_positives, 0, "{:?}", r.false_positive_examples);
+}
