@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""A tiny app for `make demo`: answers HTTP requests with its name, echoes WebSocket messages
-prefixed with its name, and answers /healthz with 503 while the file given as the third
-argument exists (so the demo can fail a health check). Standard library only."""
+"""A tiny app for `make demo`: `demo_backend.py NODE PORT DOWN_FILE [REGION]`. Answers HTTP
+requests with "hello from NODE (REGION)", echoes WebSocket messages prefixed with the same, and
+answers /healthz with 503 while DOWN_FILE exists (so the demo can fail a health check). The demo
+reads the node and region from each answer to show which instance, in which region, served it.
+Standard library only."""
 import base64
 import hashlib
 import http.server
@@ -10,6 +12,8 @@ import struct
 import sys
 
 name, port, down_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+region = sys.argv[4] if len(sys.argv) > 4 else "?"
+who = f"{name} ({region})"
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -43,7 +47,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/healthz" and os.path.exists(down_file):
             code, body = 503, b"unhealthy\n"
         else:
-            code, body = 200, f"hello from {name}\n".encode()
+            code, body = 200, f"hello from {who}\n".encode()
         self.send_response(code)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -63,7 +67,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 write_frame(self.wfile, 8, b"")
                 break
             if opcode == 1:
-                write_frame(self.wfile, 1, f"{name} echoes: ".encode() + data)
+                write_frame(self.wfile, 1, f"{who} echoes: ".encode() + data)
         self.close_connection = True
 
     def log_message(self, *args):
