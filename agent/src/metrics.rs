@@ -73,6 +73,10 @@ pub struct Metrics {
     pub hints: Family<KindLabel, Counter>,
     /// Region members SWIM currently suspects.
     pub suspects: Gauge,
+    /// SWIM probes this agent started: direct, and indirect (after a direct one went unanswered).
+    pub swim_probes: Family<KindLabel, Counter>,
+    /// Suspicions this agent started or learned of (each runs until refuted or declared dead).
+    pub swim_suspicions: Counter,
     /// Times this agent became or stopped being a gateway, and gateway sets it saw change.
     pub gateway_changes: Family<KindLabel, Counter>,
     /// Strangers a full pool refused.
@@ -154,6 +158,18 @@ impl Metrics {
         );
         let suspects = Gauge::default();
         registry.register("swim_suspects", "Members of this region SWIM currently suspects", suspects.clone());
+        let swim_probes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "swim_probes",
+            "SWIM probes started here: direct, and indirect after an unanswered direct one",
+            swim_probes.clone(),
+        );
+        let swim_suspicions = Counter::default();
+        registry.register(
+            "swim_suspicions",
+            "SWIM suspicions started or learned of here (each ends refuted or dead)",
+            swim_suspicions.clone(),
+        );
         let gateway_changes = Family::<KindLabel, Counter>::default();
         registry.register(
             "gateway_changes",
@@ -198,6 +214,8 @@ impl Metrics {
             pool_size,
             hints,
             suspects,
+            swim_probes,
+            swim_suspicions,
             gateway_changes,
             pool_refused,
             sent_bytes,

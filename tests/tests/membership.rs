@@ -46,6 +46,17 @@ fn five_agents_converge_then_see_a_crash_and_a_leave() {
     wait_until("us-west sees the new us-east gateway", CONVERGE, || {
         agents[3].get("/v1/status")["cluster"]["region_info"]["us-east"]["gateways"] == json!(["n1", "n3"])
     });
+    // What happened shows in the metrics: SWIM probing and suspecting the crashed member, the
+    // pools' sizes, the new gateway's promotion, and the hints that carried the change.
+    let n3 = &agents[1];
+    assert_eq!(n3.id, "n3");
+    assert!(n3.metric("grapevine_swim_probes_total", "kind=\"direct\"") > 0.0);
+    assert!(agents.iter().map(|a| a.metric("grapevine_swim_suspicions_total", "")).sum::<f64>() >= 1.0);
+    assert!(agents.iter().map(|a| a.metric("grapevine_swim_probes_total", "kind=\"indirect\"")).sum::<f64>() >= 1.0);
+    assert_eq!(n3.metric("grapevine_pool_members", "kind=\"region\""), 3.0, "n1, n2 (dead, still listed) and n3");
+    assert!(n3.metric("grapevine_pool_members", "kind=\"wan\"") >= 2.0, "n3 and at least one us-west gateway");
+    assert!(n3.metric("grapevine_gateway_changes_total", "kind=\"promoted\"") >= 1.0);
+    assert!(agents.iter().map(|a| a.metric("grapevine_version_hints_total", "")).sum::<f64>() >= 1.0);
 
     // SIGTERM: the others see `left`, not a failure, and it exits 0.
     let mut leaver = agents.remove(3);

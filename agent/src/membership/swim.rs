@@ -21,7 +21,7 @@ use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
 use super::transport::{FRAME_SWIM, Wire};
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabel, Metrics};
 
 /// foca's datagrams stay under this (before the region prefix and sealing), so that a sealed
 /// SWIM datagram fits in 1200 bytes.
@@ -238,13 +238,27 @@ impl Swim {
             self.wire.try_send_frame(to, FRAME_SWIM, &body);
         }
         for (timer, after) in out.timers {
+            if matches!(timer, foca::Timer::ChangeSuspectToDown { .. }) {
+                self.metrics.swim_suspicions.inc();
+            }
             let me = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(after).await;
                 if !me.stopped.load(Ordering::Relaxed) {
-                    me.with_core(|core, out| {
-                        let _ = core.handle_timer(timer, out);
+                    let kind = match &timer {
+                        foca::Timer::ProbeRandomMember(_) => Some("direct"),
+                        foca::Timer::SendIndirectProbe { .. } => Some("indirect"),
+                        _ => None,
+                    };
+                    // A probe timer with nobody to probe, or an indirect-probe timer after
+                    // the direct probe was answered, sends nothing and counts for nothing.
+                    let sent = me.with_core(|core, out| {
+                        let _ = core.handle_timer(timer, &mut *out);
+                        !out.send.is_empty()
                     });
+                    if let Some(kind) = kind.filter(|_| sent) {
+                        me.metrics.swim_probes.get_or_create(&KindLabel { kind }).inc();
+                    }
                 }
             });
         }
