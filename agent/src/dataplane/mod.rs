@@ -158,11 +158,51 @@ pub struct Forwarded {
     pub node: String,
 }
 
+/// The instances one request tries, in order: the route's choice and failover order with the
+/// instances ejected here moved last (tried only when nothing else is left), at most
+/// [`MAX_ATTEMPTS`] of them.
+pub fn attempt_order(candidates: Vec<Target>, ejected: impl Fn(&Target) -> bool) -> Vec<Target> {
+    let (fresh, ejected): (Vec<Target>, Vec<Target>) = candidates.into_iter().partition(|t| !ejected(t));
+    fresh.into_iter().chain(ejected).take(MAX_ATTEMPTS).collect()
+}
+
+/// Local ejection: an instance that failed [`EJECT_AFTER`] times in a row here is tried only
+/// after every other candidate for 1 s, then 2, 4, ... up to [`EJECT_MAX`] each time it is
+/// ejected again; one success forgets it all. Pure: time comes in as an argument.
+#[derive(Debug, Default)]
+pub struct Ejections {
+    by_instance: HashMap<(String, String), Ejection>,
+}
+
 #[derive(Debug, Default)]
 struct Ejection {
     failures: u32,
     ejections: u32,
     until: Option<Instant>,
+}
+
+impl Ejections {
+    pub fn is_ejected(&self, service: &str, node: &str, now: Instant) -> bool {
+        self.by_instance.get(&(service.to_string(), node.to_string())).and_then(|e| e.until).is_some_and(|u| now < u)
+    }
+
+    /// Records a failure; returns the backoff if it ejected the instance just now.
+    pub fn failed(&mut self, service: &str, node: &str, now: Instant) -> Option<Duration> {
+        let e = self.by_instance.entry((service.to_string(), node.to_string())).or_default();
+        e.failures += 1;
+        if e.failures < EJECT_AFTER {
+            return None;
+        }
+        let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections.min(16))).min(EJECT_MAX);
+        e.until = Some(now + backoff);
+        e.ejections += 1;
+        e.failures = 0;
+        Some(backoff)
+    }
+
+    pub fn succeeded(&mut self, service: &str, node: &str) {
+        self.by_instance.remove(&(service.to_string(), node.to_string()));
+    }
 }
 
 /// Counts open connections per local service; the count is the load this agent announces.
@@ -238,7 +278,7 @@ pub struct DataPlane {
     /// One slot per peer node: the global lock is held only to find the slot, so a handshake
     /// with one peer (up to [`HANDSHAKE_TIMEOUT`]) never delays traffic to another.
     peers: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<PeerSlot>>>>,
-    ejections: Mutex<HashMap<(String, String), Ejection>>,
+    ejections: Mutex<Ejections>,
     pub active: Arc<ActiveConnections>,
     draining: AtomicBool,
 }
@@ -296,7 +336,7 @@ impl DataPlane {
             services,
             metrics,
             peers: std::sync::Mutex::new(HashMap::new()),
-            ejections: Mutex::new(HashMap::new()),
+            ejections: Mutex::new(Ejections::default()),
             active: Arc::new(ActiveConnections::default()),
             draining: AtomicBool::new(false),
         }))
@@ -479,12 +519,9 @@ impl DataPlane {
         if candidates.is_empty() {
             return Err(ForwardError::NoInstance(service.to_string()));
         }
-        // Instances ejected here go last, so they are tried only when nothing else is left.
-        let (fresh, ejected): (Vec<Target>, Vec<Target>) =
-            candidates.into_iter().partition(|t| !self.is_ejected(service, &t.node));
         let mut last = String::new();
         let mut attempts = 0;
-        for target in fresh.into_iter().chain(ejected).take(MAX_ATTEMPTS) {
+        for target in attempt_order(candidates, |t| self.is_ejected(service, &t.node)) {
             attempts += 1;
             match self.open(&snap, service, &target, key, client).await {
                 Ok(stream) => {
@@ -624,19 +661,12 @@ impl DataPlane {
     }
 
     fn is_ejected(&self, service: &str, node: &str) -> bool {
-        let e = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
-        e.get(&(service.to_string(), node.to_string())).and_then(|e| e.until).is_some_and(|u| Instant::now() < u)
+        self.ejections.lock().unwrap_or_else(|e| e.into_inner()).is_ejected(service, node, Instant::now())
     }
 
     fn record_failure(&self, service: &str, node: &str) {
-        let mut all = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
-        let e = all.entry((service.to_string(), node.to_string())).or_default();
-        e.failures += 1;
-        if e.failures >= EJECT_AFTER {
-            let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections)).min(EJECT_MAX);
-            e.until = Some(Instant::now() + backoff);
-            e.ejections += 1;
-            e.failures = 0;
+        let ejected = self.ejections.lock().unwrap_or_else(|e| e.into_inner()).failed(service, node, Instant::now());
+        if let Some(backoff) = ejected {
             self.metrics.ejections.inc();
             tracing::warn!(
                 service,
@@ -648,7 +678,7 @@ impl DataPlane {
     }
 
     fn record_success(&self, service: &str, node: &str) {
-        self.ejections.lock().unwrap_or_else(|e| e.into_inner()).remove(&(service.to_string(), node.to_string()));
+        self.ejections.lock().unwrap_or_else(|e| e.into_inner()).succeeded(service, node);
     }
 }
 
@@ -690,6 +720,40 @@ pub async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_tries_the_failover_order_with_ejected_instances_last_and_stops_after_three() {
+        let t = |n: &str| Target { node: n.into(), region: "r".into(), zone: "z".into(), healthy: true, load: 0 };
+        let names = |v: Vec<Target>| v.into_iter().map(|t| t.node).collect::<Vec<_>>();
+        let all = vec![t("a"), t("b"), t("c"), t("d")];
+        assert_eq!(names(attempt_order(all.clone(), |_| false)), ["a", "b", "c"]);
+        assert_eq!(names(attempt_order(all.clone(), |t| t.node == "a")), ["b", "c", "d"]);
+        assert_eq!(
+            names(attempt_order(vec![t("a"), t("b")], |t| t.node == "a")),
+            ["b", "a"],
+            "ejected, but the last hope"
+        );
+        assert!(attempt_order(Vec::new(), |_| false).is_empty());
+    }
+
+    #[test]
+    fn an_instance_that_keeps_failing_is_ejected_for_a_growing_time_and_forgiven_on_success() {
+        let t0 = Instant::now();
+        let mut e = Ejections::default();
+        assert_eq!(e.failed("web", "b", t0), None);
+        assert_eq!(e.failed("web", "b", t0), None);
+        assert_eq!(e.failed("web", "b", t0), Some(Duration::from_secs(1)), "the third failure in a row ejects");
+        assert!(e.is_ejected("web", "b", t0 + Duration::from_millis(999)));
+        assert!(!e.is_ejected("web", "b", t0 + Duration::from_secs(1)), "and only for its backoff");
+        assert!(!e.is_ejected("chat", "b", t0), "per service");
+        assert!(!e.is_ejected("web", "c", t0), "per instance");
+        let backoffs: Vec<_> = (0..8).map(|_| (0..3).find_map(|_| e.failed("web", "b", t0)).unwrap()).collect();
+        assert_eq!(backoffs[..3], [Duration::from_secs(2), Duration::from_secs(4), Duration::from_secs(8)]);
+        assert_eq!(*backoffs.last().unwrap(), EJECT_MAX, "doubling up to the cap");
+        e.succeeded("web", "b");
+        assert!(!e.is_ejected("web", "b", t0));
+        assert_eq!(e.failed("web", "b", t0), None, "a success forgets the failures");
+    }
 
     #[test]
     fn a_peer_that_fails_handshakes_is_dialled_less_often_until_it_moves() {
