@@ -250,6 +250,10 @@ pub struct RunArgs {
     /// Session affinity from this header [env: AGENT_INGRESS_AFFINITY_HEADER]
     #[arg(long, value_name = "NAME")]
     pub ingress_affinity_header: Option<String>,
+    /// Without the cookie or header: client_ip (the client's address) or none (any instance)
+    /// [env: AGENT_INGRESS_AFFINITY_FALLBACK]
+    #[arg(long, value_name = "client_ip|none")]
+    pub ingress_affinity_fallback: Option<String>,
 }
 
 impl RunArgs {
@@ -311,7 +315,9 @@ impl RunArgs {
                 self.upstream.iter().map(|s| config::parse_upstream_spec("--upstream", s)).collect::<Result<_, _>>()?,
             );
         }
-        let has_affinity = self.ingress_affinity_cookie.is_some() || self.ingress_affinity_header.is_some();
+        let has_affinity = self.ingress_affinity_cookie.is_some()
+            || self.ingress_affinity_header.is_some()
+            || self.ingress_affinity_fallback.is_some();
         if self.ingress_listen.is_some() || !self.ingress_route.is_empty() || has_affinity {
             l.ingress = Some(config::IngressLayer {
                 listen: self.ingress_listen.clone(),
@@ -323,7 +329,7 @@ impl RunArgs {
                 affinity: has_affinity.then(|| config::Affinity {
                     cookie: self.ingress_affinity_cookie.clone(),
                     header: self.ingress_affinity_header.clone(),
-                    fallback: None,
+                    fallback: self.ingress_affinity_fallback.clone(),
                 }),
             });
         }

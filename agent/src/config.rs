@@ -403,7 +403,9 @@ impl Layer {
         let routes = get("ingress_route");
         let cookie = get("ingress_affinity_cookie");
         let header = get("ingress_affinity_header");
-        if ingress_listen.is_some() || routes.is_some() || cookie.is_some() || header.is_some() {
+        let fallback = get("ingress_affinity_fallback");
+        let has_affinity = cookie.is_some() || header.is_some() || fallback.is_some();
+        if ingress_listen.is_some() || routes.is_some() || has_affinity {
             let routes = match routes {
                 Some(r) => split_specs(&r, ROUTE_OPTIONS)
                     .iter()
@@ -411,8 +413,7 @@ impl Layer {
                     .collect::<Result<_, _>>()?,
                 None => Vec::new(),
             };
-            let affinity =
-                (cookie.is_some() || header.is_some()).then_some(Affinity { cookie, header, fallback: None });
+            let affinity = has_affinity.then_some(Affinity { cookie, header, fallback });
             l.ingress = Some(IngressLayer { listen: ingress_listen, routes, affinity });
         }
         Ok(l)
@@ -520,8 +521,18 @@ impl Layer {
             if !i.routes.is_empty() {
                 mine.routes = i.routes;
             }
-            if i.affinity.is_some() {
-                mine.affinity = i.affinity;
+            // Field by field: a flag naming the cookie keeps the file's fallback.
+            if let Some(a) = i.affinity {
+                let m = mine.affinity.get_or_insert_with(Affinity::default);
+                if a.cookie.is_some() {
+                    m.cookie = a.cookie;
+                }
+                if a.header.is_some() {
+                    m.header = a.header;
+                }
+                if a.fallback.is_some() {
+                    m.fallback = a.fallback;
+                }
             }
         }
         self
@@ -585,6 +596,18 @@ impl Layer {
         check_name("cluster", &cluster)?;
         if let Some(id) = &self.node_id {
             check_name("node_id", id)?;
+            // The id is the name in the node's certificate and the server name peers dial it
+            // by, so it must be a DNS name TLS accepts (not "42", "web.1" or an IP address).
+            if !matches!(
+                rustls::pki_types::ServerName::try_from(id.as_str()),
+                Ok(rustls::pki_types::ServerName::DnsName(_))
+            ) {
+                return Err(ConfigError::new(
+                    "node_id",
+                    id,
+                    "a name a certificate can carry: letters, digits, '-' and '.', not all digits after the last '.'",
+                ));
+            }
         }
         let region = match self.region {
             Some(r) => r,
@@ -980,6 +1003,44 @@ fn unknown_field(msg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ids_must_be_names_a_certificate_can_carry() {
+        let resolve = |id: &str| {
+            let mut l = Layer::default();
+            l.set_scalar("node_id", id.into());
+            l.set_scalar("region", "eu".into());
+            l.dev = Some(true);
+            l.resolve().map(|c| c.node_id.unwrap_or_default()).map_err(|e| e.setting)
+        };
+        assert_eq!(resolve("web-1").as_deref(), Ok("web-1"));
+        assert_eq!(resolve("web-1.eu").as_deref(), Ok("web-1.eu"));
+        for bad in ["42", "web.1", "10.0.0.1"] {
+            assert_eq!(resolve(bad), Err("node_id".to_string()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_flag_naming_the_affinity_cookie_keeps_the_files_fallback() {
+        let file: Layer = toml::from_str(
+            r#"
+[ingress]
+listen = "127.0.0.1:8080"
+affinity = { cookie = "a", fallback = "none" }
+"#,
+        )
+        .unwrap();
+        let flags = Layer {
+            ingress: Some(IngressLayer {
+                listen: None,
+                routes: Vec::new(),
+                affinity: Some(Affinity { cookie: Some("b".into()), header: None, fallback: None }),
+            }),
+            ..Layer::default()
+        };
+        let merged = file.merge(flags).ingress.unwrap().affinity.unwrap();
+        assert_eq!(merged, Affinity { cookie: Some("b".into()), header: None, fallback: Some("none".into()) });
+    }
 
     #[test]
     fn every_scalar_setting_survives_a_merge() {
