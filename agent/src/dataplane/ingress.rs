@@ -213,3 +213,64 @@ async fn handle(
     }
     resp.map(|b| b.boxed())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Affinity, IngressRoute};
+
+    fn config(routes: &[(Option<&str>, Option<&str>, &str)], affinity: Affinity) -> IngressConfig {
+        IngressConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            routes: routes
+                .iter()
+                .map(|(host, path, service)| IngressRoute {
+                    host: host.map(str::to_string),
+                    path_prefix: path.map(str::to_string),
+                    service: service.to_string(),
+                })
+                .collect(),
+            affinity,
+        }
+    }
+
+    #[test]
+    fn the_first_route_matching_host_and_path_prefix_wins() {
+        let c = config(
+            &[
+                (Some("api.example.com"), Some("/v2"), "api-v2"),
+                (Some("api.example.com"), None, "api"),
+                (None, Some("/chat"), "chat"),
+                (None, Some("/"), "web"),
+            ],
+            Affinity::default(),
+        );
+        assert_eq!(pick_service(&c, Some("api.example.com"), "/v2/users"), Some("api-v2"));
+        assert_eq!(pick_service(&c, Some("API.example.com:8443"), "/v1"), Some("api"), "case and port ignored");
+        assert_eq!(pick_service(&c, Some("www.example.com"), "/chat/room"), Some("chat"));
+        assert_eq!(pick_service(&c, None, "/profile"), Some("web"), "no Host header: host routes never match");
+        let only_host = config(&[(Some("a.example"), None, "a")], Affinity::default());
+        assert_eq!(pick_service(&only_host, Some("b.example"), "/"), None, "no route: the ingress answers 404");
+    }
+
+    #[test]
+    fn the_affinity_key_is_the_cookie_else_the_header_else_the_client_address() {
+        let client: SocketAddr = "203.0.113.9:50000".parse().unwrap();
+        let both = config(
+            &[],
+            Affinity { cookie: Some("meteor_login_token".into()), header: Some("x-user".into()), fallback: None },
+        );
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(affinity_key(&both, &h, client).as_deref(), Some("203.0.113.9"), "client IP, not its port");
+        h.insert("x-user", "alice".parse().unwrap());
+        assert_eq!(affinity_key(&both, &h, client).as_deref(), Some("alice"));
+        h.append(header::COOKIE, "theme=dark".parse().unwrap());
+        h.append(header::COOKIE, "a=1; meteor_login_token=tok123; b=2".parse().unwrap());
+        assert_eq!(affinity_key(&both, &h, client).as_deref(), Some("tok123"), "the cookie wins, in any Cookie header");
+        let mut empty = hyper::HeaderMap::new();
+        empty.insert(header::COOKIE, "meteor_login_token=".parse().unwrap());
+        assert_eq!(affinity_key(&both, &empty, client).as_deref(), Some("203.0.113.9"), "an empty cookie is no key");
+        let none = config(&[], Affinity { cookie: Some("sid".into()), header: None, fallback: Some("none".into()) });
+        assert_eq!(affinity_key(&none, &hyper::HeaderMap::new(), client), None, "fallback none: no key at all");
+    }
+}
