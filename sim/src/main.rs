@@ -135,7 +135,7 @@ fn run_command(
         }
     }
     if reports.len() > 1 {
-        print!("{}", spreads(&reports));
+        print!("{}", spreads(&reports, &out));
     }
     ExitCode::SUCCESS
 }
@@ -154,57 +154,71 @@ fn run_once(scenario: &scenario::Scenario, seed: u64, out: &std::path::Path) -> 
     Ok(r)
 }
 
-/// Medians and ranges over runs: chitchat picks gossip peers with an RNG we cannot seed, so
-/// runs with different seeds differ in detail.
-fn spreads(reports: &[report::Report]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let stat = |v: &mut Vec<f64>| -> String {
-        if v.is_empty() {
-            return "n/a".into();
-        }
-        v.sort_by(f64::total_cmp);
-        format!("median {:.2}, range {:.2}-{:.2}", v[v.len() / 2], v[0], v[v.len() - 1])
-    };
-    let _ = writeln!(out, "over {} runs:", reports.len());
-    let _ = writeln!(
-        out,
-        "  start convergence (s): {}",
-        stat(&mut reports.iter().filter_map(|r| r.initial_convergence_s).collect())
-    );
+/// Every figure of a set of runs, by name, one value per run that had it.
+fn figures(reports: &[report::Report]) -> Vec<(String, Vec<f64>)> {
+    let mut f: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut add = |name: String, values: Vec<f64>| f.push((name, values));
+    add("start convergence (s)".into(), reports.iter().filter_map(|r| r.initial_convergence_s).collect());
     for (i, e) in reports[0].events.iter().enumerate() {
-        let figure = |f: fn(&report::EventFigure) -> Option<f64>| -> Vec<f64> {
-            reports.iter().filter_map(|r| r.events.get(i).and_then(f)).collect()
+        let figure = |get: fn(&report::EventFigure) -> Option<f64>| -> Vec<f64> {
+            reports.iter().filter_map(|r| r.events.get(i).and_then(get)).collect()
         };
-        let mut line = format!(
-            "  t={:.0}s {} {}: first {} | all {}",
-            e.t,
-            e.action,
-            e.detail,
-            stat(&mut figure(|e| e.first_s)),
-            stat(&mut figure(|e| e.all_s))
-        );
-        let mut in_region = figure(|e| e.all_in_region_s);
-        if !in_region.is_empty() {
-            let _ = write!(line, " | all of its region {}", stat(&mut in_region));
-        }
-        let mut replaced = figure(|e| e.gateway_replaced_s);
-        if !replaced.is_empty() {
-            let _ = write!(line, " | gateway replaced {}", stat(&mut replaced));
-        }
-        let _ = writeln!(out, "{line}");
+        let event = format!("t={:.0}s {} {}", e.t, e.action, e.detail);
+        add(format!("{event}: first (s)"), figure(|e| e.first_s));
+        add(format!("{event}: all (s)"), figure(|e| e.all_s));
+        add(format!("{event}: all of its region (s)"), figure(|e| e.all_in_region_s));
+        add(format!("{event}: gateway replaced (s)"), figure(|e| e.gateway_replaced_s));
+        add(format!("{event}: sessions moved (%)"), figure(|e| e.sessions_moved.map(|m| m * 100.0)));
+        add(format!("{event}: sessions moved, ideal (%)"), figure(|e| e.sessions_moved_ideal.map(|m| m * 100.0)));
     }
-    let _ =
-        writeln!(out, "  false positives: {}", stat(&mut reports.iter().map(|r| r.false_positives as f64).collect()));
-    let _ = writeln!(
-        out,
-        "  bytes per node per second: {}",
-        stat(&mut reports.iter().map(|r| r.bytes_per_node_s).collect())
+    add("false positives".into(), reports.iter().map(|r| r.false_positives as f64).collect());
+    add(
+        "false positive (observer, subject) pairs".into(),
+        reports.iter().map(|r| r.false_positive_pairs as f64).collect(),
     );
-    let _ = writeln!(
-        out,
-        "  idle bytes per node per second, with IP/UDP headers: {}",
-        stat(&mut reports.iter().filter_map(|r| r.idle_wire_bytes_per_node_s).collect())
+    for region in reports[0].ring_agreement_min.keys() {
+        add(
+            format!("ring agreement in {region}, lowest (%)"),
+            reports.iter().filter_map(|r| r.ring_agreement_min.get(region)).map(|v| v * 100.0).collect(),
+        );
+    }
+    add("bytes per node per second".into(), reports.iter().map(|r| r.bytes_per_node_s).collect());
+    add("datagrams per node per second".into(), reports.iter().map(|r| r.datagrams_per_node_s).collect());
+    add(
+        "idle bytes per node per second, with IP/UDP headers".into(),
+        reports.iter().filter_map(|r| r.idle_wire_bytes_per_node_s).collect(),
     );
-    out
+    add("wall time (s)".into(), reports.iter().map(|r| r.wall_s).collect());
+    f.retain(|(_, v)| !v.is_empty());
+    f
+}
+
+/// Medians and ranges over runs, printed and as `runs.json` beside the runs' directories:
+/// chitchat picks gossip peers with an RNG we cannot seed, so runs with different seeds
+/// differ in detail.
+fn spreads(reports: &[report::Report], out: &std::path::Path) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let _ = writeln!(text, "over {} runs (median, range):", reports.len());
+    let mut json = serde_json::Map::new();
+    for (name, mut v) in figures(reports) {
+        v.sort_by(f64::total_cmp);
+        let median = v[v.len() / 2];
+        let _ = writeln!(text, "  {name}: {median:.2}, {:.2}-{:.2}", v[0], v[v.len() - 1]);
+        json.insert(name, serde_json::json!({ "median": median, "min": v[0], "max": v[v.len() - 1], "values": v }));
+    }
+    let doc = serde_json::json!({
+        "scenario": reports[0].scenario,
+        "seeds": reports.iter().map(|r| r.seed).collect::<Vec<_>>(),
+        "figures": json,
+    });
+    match serde_json::to_string_pretty(&doc) {
+        Ok(s) if std::fs::write(out.join("runs.json"), &s).is_ok() => {
+            let _ = writeln!(text, "wrote {}", out.join("runs.json").display());
+        }
+        _ => {
+            let _ = writeln!(text, "could not write {}", out.join("runs.json").display());
+        }
+    }
+    text
 }
