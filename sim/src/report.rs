@@ -491,21 +491,30 @@ pub fn line_chart(
     marks: &[(f64, String)],
     x_max: f64,
 ) -> String {
-    const W: f64 = 900.0;
-    const H: f64 = 360.0;
+    const W: f64 = 980.0;
     const L: f64 = 70.0;
-    const R: f64 = 160.0;
+    const R: f64 = 240.0;
     const T: f64 = 40.0;
     const B: f64 = 40.0;
-    let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
+    // Tall enough for one legend line per series.
+    let h: f64 = (T + 24.0 + 16.0 * series.len() as f64).max(360.0);
+    let palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
+    // Past eight series, hues spread around the wheel so that no two lines share a colour.
+    let colors: Vec<String> = if series.len() <= palette.len() {
+        palette.iter().map(|c| c.to_string()).collect()
+    } else {
+        (0..series.len())
+            .map(|k| format!("hsl({:.0}, 70%, {}%)", 360.0 * k as f64 / series.len() as f64, 35 + 10 * (k % 2)))
+            .collect()
+    };
     let y_max = series.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-9) * 1.1;
     let x = |v: f64| L + v / x_max.max(1e-9) * (W - L - R);
-    let y = |v: f64| H - B - v / y_max * (H - T - B);
+    let y = |v: f64| h - B - v / y_max * (h - T - B);
     let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{L}" y="22" font-size="15">{title}</text>"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{L}" y="22" font-size="15">{title}</text>"#
     );
-    let _ = write!(s, r#"<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, H - B, W - R, H - B);
-    let _ = write!(s, r#"<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#, H - B);
+    let _ = write!(s, r#"<line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - B, W - R, h - B);
+    let _ = write!(s, r#"<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="black"/>"#, h - B);
     for i in 0..=4 {
         let v = y_max / 1.1 * i as f64 / 4.0;
         let _ = write!(
@@ -519,27 +528,27 @@ pub fn line_chart(
             y(v)
         );
         let xv = x_max * i as f64 / 4.0;
-        let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{:.0} s</text>"#, x(xv), H - B + 16.0, xv);
+        let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{:.0} s</text>"#, x(xv), h - B + 16.0, xv);
     }
     let _ = write!(
         s,
         r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{y_label}</text>"#,
-        H / 2.0,
-        H / 2.0
+        h / 2.0,
+        h / 2.0
     );
     for (t, label) in marks {
         let _ = write!(
             s,
             r##"<line x1="{0}" y1="{T}" x2="{0}" y2="{1}" stroke="#999" stroke-dasharray="4 3"/><text x="{2}" y="{3}" fill="#555" font-size="10">{4}</text>"##,
             x(*t),
-            H - B,
+            h - B,
             x(*t) + 3.0,
             T + 10.0,
             xml(label)
         );
     }
     for (k, (name, pts)) in series.iter().enumerate() {
-        let color = colors[k % colors.len()];
+        let color = &colors[k % colors.len()];
         // At most about 600 points per line: keep the file small, keep the steps visible.
         let stride = pts.len().div_ceil(600).max(1);
         let path: Vec<String> = pts
@@ -579,15 +588,38 @@ fn xml(s: &str) -> String {
 pub fn plots(rec: &Recording, simulated_s: f64) -> Vec<(&'static str, String)> {
     let marks: Vec<(f64, String)> = rec.applied.iter().map(|a| (a.t, format!("{} {}", a.action, a.detail))).collect();
     let mut alive: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    // Up to four regions, one line per (observed, observing) pair; past that (a hundred lines
+    // at ten regions), per region: seen from inside it, seen from the others on average.
+    let pairwise = rec.regions.len() <= 4;
     for region in &rec.regions {
-        for from in &rec.regions {
-            let seen: Vec<(f64, f64)> = rec
+        if pairwise {
+            for from in &rec.regions {
+                let seen: Vec<(f64, f64)> = rec
+                    .seen_alive
+                    .iter()
+                    .filter(|(_, f, r, _, _)| r == region && f == from)
+                    .map(|(t, _, _, m, _)| (*t, *m))
+                    .collect();
+                alive.push((format!("{region} seen from {from}"), seen));
+            }
+        } else {
+            let inside: Vec<(f64, f64)> = rec
                 .seen_alive
                 .iter()
-                .filter(|(_, f, r, _, _)| r == region && f == from)
+                .filter(|(_, f, r, _, _)| r == region && f == region)
                 .map(|(t, _, _, m, _)| (*t, *m))
                 .collect();
-            alive.push((format!("{region} seen from {from}"), seen));
+            alive.push((format!("{region} seen from inside"), inside));
+            let mut others: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+            for (t, _, _, m, _) in rec.seen_alive.iter().filter(|(_, f, r, _, _)| r == region && f != region) {
+                let e = others.entry(t.to_bits()).or_default();
+                e.0 += m;
+                e.1 += 1;
+            }
+            let mut others: Vec<(f64, f64)> =
+                others.into_iter().map(|(t, (sum, n))| (f64::from_bits(t), sum / n as f64)).collect();
+            others.sort_by(|a, b| a.0.total_cmp(&b.0));
+            alive.push((format!("{region} seen from elsewhere"), others));
         }
         let mut truth: Vec<(f64, f64)> = rec
             .seen_alive
