@@ -21,7 +21,8 @@ bench: bench-ring bench-membership bench-dataplane
 bench-ring:
 	$(CARGO) bench -p grapevine-ring --bench ring
 
-# The agent beside HashiCorp Serf at N = 10, 30, 60 on loopback (needs root for tcpdump).
+# The agent beside HashiCorp Serf and the single-pool agent at N = 10, 30, 60, 100 on loopback
+# (needs root for tcpdump).
 bench-membership:
 	@bash scripts/deps.sh bench
 	$(CARGO) build --release -p grapevine-agent --bin agent

@@ -131,7 +131,9 @@ pub struct IngressConfig {
 /// `GossipSettings::default()` is what an agent uses when nothing is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GossipSettings {
-    /// How often each agent gossips with a few peers.
+    /// The WAN pool's gossip round among gateways (`gossip_interval`); inside a region, SWIM
+    /// probes and version hints carry changes, and the region pool's full exchange comes every
+    /// `anti_entropy_interval`.
     pub interval: Duration,
     /// phi-accrual threshold: higher means slower but surer failure detection.
     pub phi_threshold: f64,

@@ -117,7 +117,11 @@ impl Metrics {
         let snapshots = Counter::default();
         registry.register("snapshots", "Cluster snapshots built", snapshots.clone());
         let reprobes = Counter::default();
-        registry.register("reprobes", "Gossip rounds started towards seeds and dead members", reprobes.clone());
+        registry.register(
+            "reprobes",
+            "Join requests sent to seeds (at start, when alone, while no other region is known)",
+            reprobes.clone(),
+        );
         let peers_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "dataplane_peers_refused",
@@ -185,7 +189,7 @@ impl Metrics {
         let sent_bytes = Family::<KindLabel, Counter>::default();
         registry.register(
             "gossip_sent_bytes",
-            "Sealed gossip bytes sent, by layer: region (pool), swim, wan, ping, join",
+            "Sealed gossip bytes sent, by layer: region (pool), swim, hint, wan, ping, join",
             sent_bytes.clone(),
         );
         for state in ["alive", "suspect", "dead", "left", "unreachable"] {

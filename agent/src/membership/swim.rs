@@ -6,7 +6,8 @@
 //! Datagrams share the sealed gossip socket (frame type [`super::transport::FRAME_SWIM`]),
 //! prefixed by four bytes of the region name's hash so that a stray probe from another region
 //! is dropped, not merged. foca's custom broadcasts carry version hints: "node X is at version v" (see
-//! [`Hint`]); they ride on probes and acks, so they cost no datagrams of their own.
+//! [`Hint`]); they ride on probes and acks, and a new hint is also pushed at once in a broadcast
+//! of its own (`Swim::hint`), so that a change does not wait for the next probe.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
