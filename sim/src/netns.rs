@@ -29,6 +29,25 @@ fn run(cmd: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+fn run_with_input(cmd: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", cmd.join(" ")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 fn ns_name(region: usize, index: usize) -> String {
     format!("gv{region}n{index}")
 }
@@ -41,6 +60,7 @@ struct NsNode {
     id: String,
     ns: String,
     region: usize,
+    index: usize,
     agent: Option<Child>,
     app: Option<Child>,
     argv: Vec<String>,
@@ -178,14 +198,17 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
                     ],
                     &work.join(format!("{id}.app.log")),
                 )?;
-                nodes.push(NsNode { id, ns, region: r, agent: None, app: Some(app), argv });
+                nodes.push(NsNode { id, ns, region: r, index: i, agent: None, app: Some(app), argv });
             }
         }
         for n in &mut nodes {
             let args: Vec<&str> = n.argv.iter().map(String::as_str).collect();
             n.agent = Some(spawn_in(&n.ns, &args, &work.join(format!("{}.log", n.id)))?);
         }
-        let report = drive(scenario, &regions, &mut nodes)?;
+        let mut rules =
+            Rules { global: (scenario.network.loss.unwrap_or(0.0) * 100.0).round() as u32, ..Rules::default() };
+        rules.apply()?;
+        let report = drive(scenario, &regions, &mut nodes, &mut rules)?;
         for n in &mut nodes {
             for c in [n.agent.take(), n.app.take()].into_iter().flatten() {
                 kill(c);
@@ -218,6 +241,10 @@ fn build_topology(regions: &[(String, usize)]) -> anyhow::Result<()> {
     run(&["ip", "netns", "add", HUB])?;
     run(&["ip", "-n", HUB, "link", "set", "lo", "up"])?;
     run(&["ip", "netns", "exec", HUB, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    // With br_netfilter loaded, bridged IPv4 would also pass the inet hooks, and a rule on a link
+    // inside a region would apply twice. The setting is per namespace; without the module there
+    // is nothing to turn off.
+    let _ = run(&["ip", "netns", "exec", HUB, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"]);
     for (r, (_, count)) in regions.iter().enumerate() {
         let br = format!("br{r}");
         run(&["ip", "-n", HUB, "link", "add", &br, "type", "bridge"])?;
@@ -238,37 +265,144 @@ fn build_topology(regions: &[(String, usize)]) -> anyhow::Result<()> {
             run(&["ip", "-n", &ns, "route", "add", "default", "via", &format!("10.{}.0.254", r + 1)])?;
         }
     }
-    run(&["ip", "netns", "exec", HUB, "nft", "add", "table", "inet", TABLE])?;
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        HUB,
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        TABLE,
-        "gvforward",
-        "{ type filter hook forward priority 0 ; policy accept ; }",
-    ])?;
     Ok(())
 }
 
-fn nft_rule(rule: &str) -> anyhow::Result<()> {
-    let mut argv = vec!["ip", "netns", "exec", HUB, "nft", "add", "rule", "inet", TABLE, "gvforward"];
-    argv.extend(rule.split_whitespace());
-    run(&argv).map(|_| ())
+/// One end of a cut or a lossy link: a whole region's subnet or one node's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum End {
+    Region(usize),
+    Node { region: usize, index: usize },
+}
+
+impl End {
+    fn addr(&self) -> String {
+        match self {
+            End::Region(r) => format!("10.{}.0.0/24", r + 1),
+            End::Node { region, index } => ip_of(*region, *index),
+        }
+    }
+}
+
+/// The hub's filtering as state: cuts, per-link loss and the loss everywhere else. Every change
+/// re-renders the whole ruleset, so a loss event keeps an active cut and a heal keeps the loss.
+#[derive(Debug, Default)]
+struct Rules {
+    /// Traffic from the first end to the second is dropped.
+    cuts: Vec<(End, End)>,
+    /// Traffic from the first end to the second is lost with this percentage, instead of the
+    /// global rate.
+    links: Vec<(End, End, u32)>,
+    /// Percentage lost everywhere else.
+    global: u32,
+}
+
+impl Rules {
+    fn cut(&mut self, a: &[End], b: &[End], one_way: bool) {
+        for x in a {
+            for y in b {
+                self.cuts.push((x.clone(), y.clone()));
+                if !one_way {
+                    self.cuts.push((y.clone(), x.clone()));
+                }
+            }
+        }
+    }
+
+    /// Sets the loss on the links between the two sides, replacing earlier rates on them.
+    fn link_loss(&mut self, a: &[End], b: &[End], pct: u32, one_way: bool) {
+        let mut set = |from: &End, to: &End| {
+            self.links.retain(|(f, t, _)| !(f == from && t == to));
+            self.links.push((from.clone(), to.clone(), pct));
+        };
+        for x in a {
+            for y in b {
+                set(x, y);
+                if !one_way {
+                    set(y, x);
+                }
+            }
+        }
+    }
+
+    /// The rules of one forward chain, in order: cuts, then each lossy link (its own rate, then
+    /// an accept so that the global rate does not apply to it too), then the global rate.
+    fn chain(&self, ip_only: &str) -> Vec<String> {
+        let mut rules = Vec::new();
+        for (from, to) in &self.cuts {
+            rules.push(format!("ip saddr {} ip daddr {} drop", from.addr(), to.addr()));
+        }
+        for (from, to, pct) in &self.links {
+            let link = format!("ip saddr {} ip daddr {}", from.addr(), to.addr());
+            if *pct > 0 {
+                rules.push(format!("{link} {}drop", random_below(*pct)));
+            }
+            rules.push(format!("{link} accept"));
+        }
+        if self.global > 0 {
+            rules.push(format!("{ip_only} {}drop", random_below(self.global)));
+        }
+        rules
+    }
+
+    /// The whole nftables script for the hub. Traffic between regions is routed and passes the
+    /// `inet` forward hook only; traffic inside a region is bridged and passes the `bridge`
+    /// forward hook only (with bridge-nf-call-iptables off, see `build_topology`). Both chains
+    /// get the same rules: each matches only the traffic its hook sees.
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (family, ip_only) in [("inet", "meta nfproto ipv4"), ("bridge", "ether type ip")] {
+            // Declaring then deleting the table makes the replacement atomic, whether it existed or not.
+            out.push_str(&format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n"));
+            out.push_str(&format!(
+                "table {family} {TABLE} {{\n  chain gvforward {{\n    type filter hook forward priority 0; policy accept;\n"
+            ));
+            for rule in self.chain(ip_only) {
+                out.push_str(&format!("    {rule}\n"));
+            }
+            out.push_str("  }\n}\n");
+        }
+        out
+    }
+
+    fn apply(&self) -> anyhow::Result<()> {
+        run_with_input(&["ip", "netns", "exec", HUB, "nft", "-f", "-"], &self.render())
+            .context("loading the nftables rules")
+    }
+}
+
+/// An nftables match true for `pct` percent of packets (all of them from 100).
+fn random_below(pct: u32) -> String {
+    if pct >= 100 { String::new() } else { format!("numgen random mod 100 < {pct} ") }
+}
+
+/// The ends one side of `between` names: each name is a region if there is one by that name,
+/// else a node id.
+fn resolve(names: &[String], regions: &[(String, usize)], nodes: &[NsNode]) -> Vec<End> {
+    names
+        .iter()
+        .filter_map(|name| {
+            if let Some(r) = regions.iter().position(|(n, _)| n == name) {
+                Some(End::Region(r))
+            } else {
+                nodes.iter().find(|n| &n.id == name).map(|n| End::Node { region: n.region, index: n.index })
+            }
+        })
+        .collect()
 }
 
 /// Applies the timeline, sends requests, and samples every agent's view.
-fn drive(scenario: &Scenario, regions: &[(String, usize)], nodes: &mut [NsNode]) -> anyhow::Result<NetnsReport> {
+fn drive(
+    scenario: &Scenario,
+    regions: &[(String, usize)],
+    nodes: &mut [NsNode],
+    rules: &mut Rules,
+) -> anyhow::Result<NetnsReport> {
     let start = Instant::now();
     let duration = scenario.duration();
     let mut events: Vec<(Duration, crate::scenario::EventSpec)> =
         scenario.events.iter().map(|e| (parse_duration("event.at", &e.at).unwrap_or_default(), e.clone())).collect();
     events.sort_by_key(|(t, _)| *t);
-    let region_index = |name: &str| regions.iter().position(|(n, _)| n == name);
     let mut report = NetnsReport {
         scenario: scenario.name.clone(),
         nodes: nodes.len(),
@@ -304,26 +438,34 @@ fn drive(scenario: &Scenario, regions: &[(String, usize)], nodes: &mut [NsNode])
                 }
                 "partition" => {
                     let (a, b) = e.between.clone().unwrap_or_default();
-                    for x in a.iter().filter_map(|r| region_index(r)) {
-                        for y in b.iter().filter_map(|r| region_index(r)) {
-                            nft_rule(&format!("ip saddr 10.{}.0.0/24 ip daddr 10.{}.0.0/24 drop", x + 1, y + 1))?;
-                            if !e.one_way {
-                                nft_rule(&format!("ip saddr 10.{}.0.0/24 ip daddr 10.{}.0.0/24 drop", y + 1, x + 1))?;
-                            }
-                        }
-                    }
+                    let (ea, eb) = (resolve(&a, regions, nodes), resolve(&b, regions, nodes));
+                    rules.cut(&ea, &eb, e.one_way);
+                    rules.apply()?;
                     detail = format!("{} {} {}", a.join("+"), if e.one_way { "->" } else { "<->" }, b.join("+"));
                 }
                 "heal" => {
-                    run(&["ip", "netns", "exec", HUB, "nft", "flush", "chain", "inet", TABLE, "gvforward"])?;
+                    rules.cuts.clear();
+                    rules.apply()?;
                 }
                 "loss" => {
                     let pct = (e.rate.unwrap_or(0.0) * 100.0).round() as u32;
-                    run(&["ip", "netns", "exec", HUB, "nft", "flush", "chain", "inet", TABLE, "gvforward"])?;
-                    if pct > 0 {
-                        nft_rule(&format!("numgen random mod 100 < {pct} drop"))?;
+                    match &e.between {
+                        Some((a, b)) => {
+                            let (ea, eb) = (resolve(a, regions, nodes), resolve(b, regions, nodes));
+                            rules.link_loss(&ea, &eb, pct, e.one_way);
+                            detail = format!(
+                                "{pct}% on {} {} {}",
+                                a.join("+"),
+                                if e.one_way { "->" } else { "<->" },
+                                b.join("+")
+                            );
+                        }
+                        None => {
+                            rules.global = pct;
+                            detail = format!("{pct}% everywhere else");
+                        }
                     }
-                    detail = format!("{pct}% between regions");
+                    rules.apply()?;
                 }
                 other => tracing::warn!(action = other, "not supported by sim netns; skipped"),
             }
@@ -444,4 +586,34 @@ pub fn summary(r: &NetnsReport) -> String {
 /// The output directory for a netns run.
 pub fn default_out(name: &str) -> PathBuf {
     PathBuf::from("sim-out").join(format!("{name}-netns"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_compose_cuts_link_loss_and_global_loss() {
+        let mut rules = Rules { global: 5, ..Rules::default() };
+        rules.cut(&[End::Region(0)], &[End::Node { region: 1, index: 2 }], false);
+        rules.link_loss(&[End::Region(0)], &[End::Region(1)], 20, true);
+        rules.link_loss(&[End::Region(0)], &[End::Region(1)], 30, true);
+        let chain = rules.chain("ether type ip");
+        assert_eq!(
+            chain,
+            [
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.3 drop",
+                "ip saddr 10.2.0.3 ip daddr 10.1.0.0/24 drop",
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 numgen random mod 100 < 30 drop",
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 accept",
+                "ether type ip numgen random mod 100 < 5 drop",
+            ]
+        );
+        // A heal clears the cuts and keeps the loss.
+        rules.cuts.clear();
+        assert_eq!(rules.chain("x").len(), 3);
+        let script = rules.render();
+        assert!(script.contains("table inet gvsim {") && script.contains("table bridge gvsim {"));
+        assert_eq!(random_below(100), "");
+    }
 }
