@@ -88,15 +88,39 @@ pub struct NetnsReport {
     pub transitions: Vec<(f64, String, String, String)>,
 }
 
-/// Deletes everything this mode may have created (also from an earlier, interrupted run).
-pub fn cleanup(max_regions: usize, max_nodes: usize) {
-    let _ = Command::new("pkill").args(["-f", "gvsim-agent-marker"]).status();
-    for r in 0..max_regions {
-        for i in 0..max_nodes {
-            let _ = Command::new("ip").args(["netns", "del", &ns_name(r, i)]).stderr(Stdio::null()).status();
+/// Whether a namespace is one this mode makes: the hub or `gv<R>n<I>`.
+fn ours(name: &str) -> bool {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
+    name == HUB
+        || name.strip_prefix("gv").and_then(|rest| rest.split_once('n')).is_some_and(|(r, i)| digits(r) && digits(i))
+}
+
+/// Kills every process in a namespace, until none is left (or 5 s have passed).
+fn kill_all_in(ns: &str) {
+    for _ in 0..50 {
+        let pids = run(&["ip", "netns", "pids", ns]).unwrap_or_default();
+        let pids: Vec<&str> = pids.split_whitespace().collect();
+        if pids.is_empty() {
+            return;
         }
+        let _ = Command::new("kill").arg("-KILL").args(&pids).stderr(Stdio::null()).status();
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("ip").args(["netns", "del", HUB]).stderr(Stdio::null()).status();
+}
+
+/// Deletes everything this mode may have created (also from an earlier, interrupted run):
+/// every process in its namespaces, then the namespaces, whose nftables rules go with the hub.
+pub fn cleanup() {
+    let listed = run(&["ip", "netns", "list"]).unwrap_or_default();
+    let mut names: Vec<&str> = listed.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| ours(n)).collect();
+    // The hub last: the nodes' veth peers live there.
+    names.sort_by_key(|n| *n == HUB);
+    for ns in names {
+        kill_all_in(ns);
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+    }
+    // An agent of an older run whose namespace was deleted without it.
+    let _ = Command::new("pkill").args(["-KILL", "-f", "gvsim-agent-marker"]).status();
 }
 
 pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::Result<NetnsReport> {
@@ -117,7 +141,7 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
     if regions.len() > 8 {
         bail!("sim netns supports up to 8 regions");
     }
-    cleanup(8, 8);
+    cleanup();
     std::fs::create_dir_all(out)?;
     let work = out.to_path_buf();
     let result = (|| -> anyhow::Result<NetnsReport> {
@@ -208,16 +232,22 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
         let mut rules =
             Rules { global: (scenario.network.loss.unwrap_or(0.0) * 100.0).round() as u32, ..Rules::default() };
         rules.apply()?;
+        // On an error, `nodes` is dropped on the way out, and each node kills its processes.
         let report = drive(scenario, &regions, &mut nodes, &mut rules)?;
-        for n in &mut nodes {
-            for c in [n.agent.take(), n.app.take()].into_iter().flatten() {
-                kill(c);
-            }
-        }
+        drop(nodes);
         Ok(report)
     })();
-    cleanup(8, 8);
+    cleanup();
     result
+}
+
+impl Drop for NsNode {
+    /// Every process a node started dies with it, on every path out of `run_netns`.
+    fn drop(&mut self) {
+        for c in [self.agent.take(), self.app.take()].into_iter().flatten() {
+            kill(c);
+        }
+    }
 }
 
 fn kill(mut c: Child) {
@@ -238,7 +268,12 @@ fn spawn_in(ns: &str, argv: &[&str], log: &Path) -> anyhow::Result<Child> {
 }
 
 fn build_topology(regions: &[(String, usize)]) -> anyhow::Result<()> {
-    run(&["ip", "netns", "add", HUB])?;
+    if let Err(e) = run(&["ip", "netns", "add", HUB]) {
+        bail!(
+            "cannot create network namespaces: sim netns needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN \
+             (in a container, run it privileged, e.g. docker run --privileged) [{e:#}]"
+        );
+    }
     run(&["ip", "-n", HUB, "link", "set", "lo", "up"])?;
     run(&["ip", "netns", "exec", HUB, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     // With br_netfilter loaded, bridged IPv4 would also pass the inet hooks, and a rule on a link
@@ -615,5 +650,11 @@ mod tests {
         let script = rules.render();
         assert!(script.contains("table inet gvsim {") && script.contains("table bridge gvsim {"));
         assert_eq!(random_below(100), "");
+    }
+
+    #[test]
+    fn cleanup_takes_only_its_own_namespaces() {
+        assert!(ours("gvhub") && ours("gv0n7") && ours("gv12n3"));
+        assert!(!ours("gvn1") && !ours("gv0n") && !ours("gv0x1") && !ours("other") && !ours("gv1n2b"));
     }
 }
