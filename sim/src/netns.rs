@@ -238,6 +238,8 @@ pub struct NetnsReport {
     pub nodes: Vec<String>,
     pub baseline_requests: usize,
     pub baseline_failed: usize,
+    /// (t sent, region) of every request that failed.
+    pub failures: Vec<(f64, String)>,
     pub events: Vec<EventTraffic>,
     /// Every change in an agent's view of a member's state or generation, sampled every
     /// POLL_EVERY.
@@ -423,6 +425,7 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
             nodes: nodes.iter().filter(|n| n.running()).map(|n| n.id.clone()).collect(),
             baseline_requests: 0,
             baseline_failed: 0,
+            failures: Vec::new(),
             events: Vec::new(),
             transitions: Vec::new(),
             health: Vec::new(),
@@ -557,21 +560,22 @@ impl Rules {
     }
 
     /// The rules of one forward chain, in order: cuts, then each lossy link (its own rate, then
-    /// an accept so that the global rate does not apply to it too), then the global rate.
+    /// an accept so that the global rate does not apply to it too), then the global rate. Each
+    /// counts what it matched (`nft list ruleset` in the hub shows it).
     fn chain(&self, ip_only: &str) -> Vec<String> {
         let mut rules = Vec::new();
         for (from, to) in &self.cuts {
-            rules.push(format!("ip saddr {} ip daddr {} drop", from.addr(), to.addr()));
+            rules.push(format!("ip saddr {} ip daddr {} counter drop", from.addr(), to.addr()));
         }
         for (from, to, pct) in &self.links {
             let link = format!("ip saddr {} ip daddr {}", from.addr(), to.addr());
             if *pct > 0 {
-                rules.push(format!("{link} {}drop", random_below(*pct)));
+                rules.push(format!("{link} {}counter drop", random_below(*pct)));
             }
-            rules.push(format!("{link} accept"));
+            rules.push(format!("{link} counter accept"));
         }
         if self.global > 0 {
-            rules.push(format!("{ip_only} {}drop", random_below(self.global)));
+            rules.push(format!("{ip_only} {}counter drop", random_below(self.global)));
         }
         rules
     }
@@ -768,8 +772,13 @@ fn drive(
         }
         // One request at a time per region, from its first running node, through its upstream port.
         for (r, slot) in requests.iter_mut().enumerate() {
-            if let Some(ok) = slot.as_mut().and_then(Request::outcome) {
-                let counted = match slot.take().and_then(|q| q.event) {
+            if let Some(ok) = slot.as_mut().and_then(Request::outcome)
+                && let Some(q) = slot.take()
+            {
+                if !ok {
+                    report.failures.push((q.launched.duration_since(start).as_secs_f64(), regions[r].name.clone()));
+                }
+                let counted = match q.event {
                     Some(k) => {
                         let e = &mut report.events[k];
                         (&mut e.requests, &mut e.failed)
@@ -1064,6 +1073,24 @@ fn all_alive_after(samples: &[Sample], running: &[String], from: f64, until: f64
     Err((alive(&view), pairs.len()))
 }
 
+/// Until when an event's effect is looked for: the next event that undoes or overrides it (a
+/// heal after a partition, a restart of a crashed node, anything after a heal), else the end.
+fn window_end(r: &NetnsReport, k: usize) -> f64 {
+    let e = &r.events[k];
+    r.events[k + 1..]
+        .iter()
+        .filter(|n| n.skipped.is_none())
+        .find(|n| match e.action.as_str() {
+            "partition" => n.action == "heal",
+            "crash" | "leave" | "restart" | "join" | "unhealthy" | "healthy" => {
+                n.subjects.iter().any(|s| e.subjects.contains(s))
+            }
+            _ => true,
+        })
+        .map(|n| n.t)
+        .unwrap_or(r.duration)
+}
+
 fn describe(what: &str, d: &Detection, window: f64) -> String {
     match (d.first, d.last) {
         _ if d.of == 0 => format!("{what}: no agent to see it"),
@@ -1083,7 +1110,7 @@ pub fn summary(r: &NetnsReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "netns scenario {}: {} real agents, HTTP through each region's upstream port; every agent's view read \
+        "netns scenario {}: {} real agents at the start, HTTP through each region's upstream port; every agent's view read \
          every {:.1} s on average (times below are when a reading first showed it)",
         r.scenario,
         r.nodes.len(),
@@ -1091,7 +1118,13 @@ pub fn summary(r: &NetnsReport) -> String {
     );
     let first_event = r.events.first().map(|e| e.t).unwrap_or(r.duration);
     let converged = match all_alive_after(&r.transitions, &r.nodes, 0.0, first_event) {
-        Ok(t) => format!("every agent saw all {} alive after {t:.1} s", r.nodes.len()),
+        Ok(t) => {
+            let early = r.failures.iter().filter(|(at, _)| *at <= t).count();
+            format!(
+                "every agent saw all {} alive after {t:.1} s ({early} of the failures were before then)",
+                r.nodes.len()
+            )
+        }
         Err((alive, of)) => format!("not converged: {alive} of {of} (observer, member) pairs alive"),
     };
     let _ = writeln!(
@@ -1100,7 +1133,7 @@ pub fn summary(r: &NetnsReport) -> String {
         r.baseline_requests, r.baseline_failed
     );
     for (k, e) in r.events.iter().enumerate() {
-        let until = r.events.get(k + 1).map(|n| n.t).unwrap_or(r.duration);
+        let until = window_end(r, k);
         let window = until - e.t;
         let _ = writeln!(
             out,
@@ -1193,11 +1226,11 @@ mod tests {
         assert_eq!(
             chain,
             [
-                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.3 drop",
-                "ip saddr 10.2.0.3 ip daddr 10.1.0.0/24 drop",
-                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 numgen random mod 100 < 30 drop",
-                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 accept",
-                "ether type ip numgen random mod 100 < 5 drop",
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.3 counter drop",
+                "ip saddr 10.2.0.3 ip daddr 10.1.0.0/24 counter drop",
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 numgen random mod 100 < 30 counter drop",
+                "ip saddr 10.1.0.0/24 ip daddr 10.2.0.0/24 counter accept",
+                "ether type ip numgen random mod 100 < 5 counter drop",
             ]
         );
         // A heal clears the cuts and keeps the loss.
