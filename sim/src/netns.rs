@@ -1020,19 +1020,23 @@ struct Detection {
     of: usize,
     first: Option<f64>,
     last: Option<f64>,
+    /// Observers left out: they were stopped (crashed, left, restarted) before they saw it.
+    stopped: usize,
 }
 
-/// Over (observer, member) pairs: an observer has seen once it has seen all its members.
+/// Over (observer, member) pairs: an observer has seen once it has seen all its members. An
+/// observer in `stopped` is watched only until then, and left out if it had not seen by then.
 fn detection(
     samples: &[Sample],
     pairs: &[(String, String)],
     states: &[String],
     newer: bool,
-    from: f64,
-    until: f64,
+    (from, until): (f64, f64),
+    stopped: &BTreeMap<String, f64>,
 ) -> Detection {
     let mut by_observer: BTreeMap<&str, Option<f64>> = BTreeMap::new();
     for (o, m) in pairs {
+        let until = stopped.get(o).map_or(until, |s| s.min(until));
         let t = first_seen(samples, o, m, states, newer, from, until);
         let entry = by_observer.entry(o).or_insert(Some(0.0));
         *entry = match (*entry, t) {
@@ -1040,24 +1044,33 @@ fn detection(
             _ => None,
         };
     }
+    let left_out =
+        by_observer.iter().filter(|(o, t)| t.is_none() && stopped.get(**o).is_some_and(|s| *s < until)).count();
     let times: Vec<f64> = by_observer.values().flatten().copied().collect();
     Detection {
         seen: times.len(),
-        of: by_observer.len(),
+        of: by_observer.len() - left_out,
         first: times.iter().copied().reduce(f64::min),
         last: times.iter().copied().reduce(f64::max),
+        stopped: left_out,
     }
 }
 
-/// Seconds after `from` until every one of `running` saw every other `alive`, within
-/// [from, until); else how many of the (observer, member) pairs were alive at `until`.
-fn all_alive_after(samples: &[Sample], running: &[String], from: f64, until: f64) -> Result<f64, (usize, usize)> {
+/// Seconds after `from` until every one of `running` saw every other in `state` (`alive`, or
+/// `healthy` in the health samples), within [from, until); else how many of the (observer,
+/// member) pairs were so at `until`.
+fn all_seen_after(
+    samples: &[Sample],
+    running: &[String],
+    state: &str,
+    (from, until): (f64, f64),
+) -> Result<f64, (usize, usize)> {
     let pairs: Vec<(&str, &str)> = running
         .iter()
         .flat_map(|o| running.iter().filter(move |m| *m != o).map(move |m| (o.as_str(), m.as_str())))
         .collect();
     let mut view: BTreeMap<(&str, &str), &str> = BTreeMap::new();
-    let alive = |view: &BTreeMap<(&str, &str), &str>| pairs.iter().filter(|p| view.get(p) == Some(&"alive")).count();
+    let alive = |view: &BTreeMap<(&str, &str), &str>| pairs.iter().filter(|p| view.get(p) == Some(&state)).count();
     for s in samples.iter().take_while(|s| s.0 < from) {
         view.insert((&s.1, &s.2), &s.3);
     }
@@ -1092,7 +1105,9 @@ fn window_end(r: &NetnsReport, k: usize) -> f64 {
 }
 
 fn describe(what: &str, d: &Detection, window: f64) -> String {
-    match (d.first, d.last) {
+    let stopped =
+        if d.stopped > 0 { format!(" ({} more were stopped before they saw it)", d.stopped) } else { String::new() };
+    let seen = match (d.first, d.last) {
         _ if d.of == 0 => format!("{what}: no agent to see it"),
         (Some(first), Some(last)) if d.seen == d.of => {
             format!("{what} by all {} agents: the first after {first:.1} s, the last after {last:.1} s", d.of)
@@ -1102,7 +1117,8 @@ fn describe(what: &str, d: &Detection, window: f64) -> String {
             d.seen, d.of
         ),
         _ => format!("{what} by none of {} agents within {window:.0} s", d.of),
-    }
+    };
+    seen + &stopped
 }
 
 pub fn summary(r: &NetnsReport) -> String {
@@ -1117,15 +1133,20 @@ pub fn summary(r: &NetnsReport) -> String {
         r.duration / r.poll_rounds.max(1) as f64
     );
     let first_event = r.events.first().map(|e| e.t).unwrap_or(r.duration);
-    let converged = match all_alive_after(&r.transitions, &r.nodes, 0.0, first_event) {
-        Ok(t) => {
-            let early = r.failures.iter().filter(|(at, _)| *at <= t).count();
+    let converged = match (
+        all_seen_after(&r.transitions, &r.nodes, "alive", (0.0, first_event)),
+        all_seen_after(&r.health, &r.nodes, "healthy", (0.0, first_event)),
+    ) {
+        (Ok(alive), Ok(healthy)) => {
+            let early = r.failures.iter().filter(|(at, _)| *at <= healthy.max(alive)).count();
             format!(
-                "every agent saw all {} alive after {t:.1} s ({early} of the failures were before then)",
+                "every agent saw all {} alive after {alive:.1} s and every web instance healthy after {healthy:.1} s \
+                 ({early} of the failures were before then)",
                 r.nodes.len()
             )
         }
-        Err((alive, of)) => format!("not converged: {alive} of {of} (observer, member) pairs alive"),
+        (Err((alive, of)), _) => format!("not converged: {alive} of {of} (observer, member) pairs alive"),
+        (_, Err((healthy, of))) => format!("not converged: {healthy} of {of} web instances seen healthy"),
     };
     let _ = writeln!(
         out,
@@ -1149,13 +1170,22 @@ pub fn summary(r: &NetnsReport) -> String {
             let _ = writeln!(out, "           skipped: {reason}");
             continue;
         }
+        // When each observer was itself stopped after the event, if it was.
+        let mut stopped: BTreeMap<String, f64> = BTreeMap::new();
+        for later in r.events[k + 1..].iter().filter(|n| n.skipped.is_none()) {
+            if matches!(later.action.as_str(), "crash" | "leave" | "restart") {
+                for s in &later.subjects {
+                    stopped.entry(s.clone()).or_insert(later.t);
+                }
+            }
+        }
         let pairs = |members: &[String]| -> Vec<(String, String)> {
             e.observers.iter().flat_map(|o| members.iter().map(move |m| (o.clone(), m.clone()))).collect()
         };
         let line = match e.action.as_str() {
             "crash" | "leave" | "restart" | "join" if !e.subjects.is_empty() => {
                 let newer = e.action == "restart";
-                let d = detection(&r.transitions, &pairs(&e.subjects), &e.seen_as, newer, e.t, until);
+                let d = detection(&r.transitions, &pairs(&e.subjects), &e.seen_as, newer, (e.t, until), &stopped);
                 let what = if newer {
                     "seen alive at a new generation".to_string()
                 } else {
@@ -1164,11 +1194,11 @@ pub fn summary(r: &NetnsReport) -> String {
                 Some(describe(&what, &d, window))
             }
             "unhealthy" | "healthy" => {
-                let d = detection(&r.health, &pairs(&e.subjects), &e.seen_as, false, e.t, until);
+                let d = detection(&r.health, &pairs(&e.subjects), &e.seen_as, false, (e.t, until), &stopped);
                 Some(describe(&format!("its web instance seen {}", e.action), &d, window))
             }
             "partition" if !e.cut.is_empty() => {
-                let d = detection(&r.transitions, &e.cut, &e.seen_as, false, e.t, until);
+                let d = detection(&r.transitions, &e.cut, &e.seen_as, false, (e.t, until), &stopped);
                 // The state each cut pair ended the window in.
                 let mut ended: BTreeMap<&str, usize> = BTreeMap::new();
                 for (o, m) in &e.cut {
@@ -1185,7 +1215,7 @@ pub fn summary(r: &NetnsReport) -> String {
             }
             "heal" => {
                 let running: Vec<String> = e.observers.clone();
-                Some(match all_alive_after(&r.transitions, &running, e.t, until) {
+                Some(match all_seen_after(&r.transitions, &running, "alive", (e.t, until)) {
                     Ok(t) => format!("every agent saw every running member alive again after {t:.1} s"),
                     Err((alive, of)) => {
                         format!("not whole again within {window:.0} s: {alive} of {of} (observer, member) pairs alive")
@@ -1263,14 +1293,21 @@ mod tests {
         ];
         let pairs = [("a".to_string(), "c".to_string()), ("b".to_string(), "c".to_string())];
         let dead = ["dead".to_string(), "left".to_string()];
-        let d = detection(&samples, &pairs, &dead, false, 10.0, 30.0);
-        assert_eq!(d, Detection { seen: 2, of: 2, first: Some(2.5), last: Some(3.0) });
+        let none = BTreeMap::new();
+        let d = detection(&samples, &pairs, &dead, false, (10.0, 30.0), &none);
+        assert_eq!(d, Detection { seen: 2, of: 2, first: Some(2.5), last: Some(3.0), stopped: 0 });
         // Only b sees c at a new generation after a restart at 15 s.
         let alive = ["alive".to_string()];
-        let d = detection(&samples, &pairs, &alive, true, 15.0, 30.0);
-        assert_eq!(d, Detection { seen: 1, of: 2, first: Some(5.0), last: Some(5.0) });
+        let d = detection(&samples, &pairs, &alive, true, (15.0, 30.0), &none);
+        assert_eq!(d, Detection { seen: 1, of: 2, first: Some(5.0), last: Some(5.0), stopped: 0 });
         // Outside the window it does not count.
-        assert_eq!(detection(&samples, &pairs, &dead, false, 10.0, 12.9).seen, 1);
+        assert_eq!(detection(&samples, &pairs, &dead, false, (10.0, 12.9), &none).seen, 1);
+        // An observer stopped before it saw is left out; one stopped after it saw still counts.
+        let b_stopped = BTreeMap::from([("b".to_string(), 12.8)]);
+        let d = detection(&samples, &pairs, &dead, false, (10.0, 30.0), &b_stopped);
+        assert_eq!(d, Detection { seen: 1, of: 1, first: Some(2.5), last: Some(2.5), stopped: 1 });
+        let b_later = BTreeMap::from([("b".to_string(), 14.0)]);
+        assert_eq!(detection(&samples, &pairs, &dead, false, (10.0, 30.0), &b_later).seen, 2);
     }
 
     #[test]
@@ -1282,8 +1319,8 @@ mod tests {
             sample(5.0, "a", "b", "unreachable", 1),
             sample(10.5, "a", "b", "alive", 1),
         ];
-        assert_eq!(all_alive_after(&samples, &running, 0.0, 4.0), Ok(1.5));
-        assert_eq!(all_alive_after(&samples, &running, 10.0, 20.0), Ok(0.5));
-        assert_eq!(all_alive_after(&samples, &running, 6.0, 10.0), Err((1, 2)));
+        assert_eq!(all_seen_after(&samples, &running, "alive", (0.0, 4.0)), Ok(1.5));
+        assert_eq!(all_seen_after(&samples, &running, "alive", (10.0, 20.0)), Ok(0.5));
+        assert_eq!(all_seen_after(&samples, &running, "alive", (6.0, 10.0)), Err((1, 2)));
     }
 }
