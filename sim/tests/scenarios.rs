@@ -216,3 +216,33 @@ fn a_node_whose_packets_out_are_lost_is_seen_dead_and_comes_back() {
     // everyone dead, as a gateway of one) makes anyone else see live members dead.
     assert_eq!(r.false_positives, 0, "{:?}", r.false_positive_examples);
 }
+
+const PAIR_SPLIT: &str = r#"
+name = "test-pair-split"
+duration = "60s"
+[[region]]
+name = "east"
+nodes = 2
+[[region]]
+name = "west"
+nodes = 2
+[[event]]
+at = "10s"
+action = "partition"
+between = [["east-1"], ["east-2"]]
+[[event]]
+at = "30s"
+action = "heal"
+"#;
+
+#[test]
+fn the_two_members_of_a_region_cut_from_each_other_meet_again_after_the_heal() {
+    // Each declares the other down; neither is then alone in the cluster, so only the seeds'
+    // join replies (naming members SWIM holds as down) bring them back together.
+    let (_, r) = run(PAIR_SPLIT, 1);
+    let cut = r.events.iter().find(|e| e.action == "partition").unwrap();
+    assert!(cut.all_s.is_some(), "{cut:?}");
+    let heal = r.events.iter().find(|e| e.action == "heal").unwrap();
+    let healed = heal.all_s.unwrap_or_else(|| panic!("never whole again after the heal: {heal:?}"));
+    assert!(healed < 20.0, "took {healed} s");
+}

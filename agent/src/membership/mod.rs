@@ -860,9 +860,15 @@ async fn join_server(
                 // knows already, and announcing to them (and a full region-pool exchange with
                 // three) every `reprobe_interval` cost a single-region cluster of 100 about
                 // 2.7 kB/s per agent.
+                // A member SWIM holds as down counts as not met: after a cut inside a region
+                // (two members each declaring the other down) this reply is how they meet again.
                 let known = shared.swim.view();
-                let new: Vec<SocketAddr> =
-                    reply.members.iter().copied().filter(|a| *a != me && !known.contains_key(a)).collect();
+                let new: Vec<SocketAddr> = reply
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|a| *a != me && known.get(a).is_none_or(|(_, state)| *state == SwimState::Down))
+                    .collect();
                 for addr in &new {
                     shared.swim.announce(*addr);
                 }
