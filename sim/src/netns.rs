@@ -304,7 +304,10 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
     }
     let mut warnings = Vec::new();
     let regions = plan(scenario, &mut warnings)?;
-    if !scenario.network.pairs.is_empty() || scenario.network.remote.is_some() || scenario.network.local.is_some() {
+    if scenario.network.pairs.iter().any(|p| p.latency.is_some())
+        || scenario.network.remote.is_some()
+        || scenario.network.local.is_some()
+    {
         warn(&mut warnings, "latency settings in [network] are ignored: this kernel has no netem".into());
     }
     cleanup();
@@ -418,6 +421,14 @@ pub fn run_netns(scenario: &Scenario, agent_bin: &Path, out: &Path) -> anyhow::R
         }
         let mut rules =
             Rules { global: (scenario.network.loss.unwrap_or(0.0) * 100.0).round() as u32, ..Rules::default() };
+        for p in &scenario.network.pairs {
+            let (Some(rate), Some(a), Some(b)) =
+                (p.loss, regions.iter().position(|r| r.name == p.a), regions.iter().position(|r| r.name == p.b))
+            else {
+                continue;
+            };
+            rules.link_loss(&[End::Region(a)], &[End::Region(b)], (rate * 100.0).round() as u32, false);
+        }
         rules.apply()?;
         let mut report = NetnsReport {
             scenario: scenario.name.clone(),
