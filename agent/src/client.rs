@@ -267,6 +267,41 @@ pub fn render_route(r: &Route) -> String {
     out
 }
 
+/// Every instance of the service by region, in the route's region order: where it stands and
+/// whether this route may use it.
+pub fn render_instances(r: &Route, doc: &ServiceDoc) -> String {
+    let in_route: Vec<&str> = r.chosen.iter().chain(&r.failover).map(|t| t.node.as_str()).collect();
+    let rank = |region: &str| r.regions.iter().position(|x| x == region).unwrap_or(usize::MAX);
+    let mut endpoints: Vec<_> = doc.endpoints.iter().collect();
+    endpoints.sort_by(|a, b| (rank(&a.region), &a.region, &a.node).cmp(&(rank(&b.region), &b.region, &b.node)));
+    let mut rows = vec![["REGION", "NODE", "STATE", "HEALTH", "LOAD", "ROUTE"].map(String::from).to_vec()];
+    for e in endpoints {
+        let health = if e.draining {
+            "draining"
+        } else if e.healthy {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
+        let route = if in_route.contains(&e.node.as_str()) {
+            "yes"
+        } else if rank(&e.region) == usize::MAX {
+            "no (region not considered)"
+        } else {
+            "no"
+        };
+        rows.push(vec![
+            e.region.clone(),
+            e.node.clone(),
+            e.state.as_str().to_string(),
+            health.to_string(),
+            e.load.to_string(),
+            route.to_string(),
+        ]);
+    }
+    format!("instances of {} by region, nearest first:\n{}", r.service, table(&rows, "  "))
+}
+
 pub async fn status(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
     let doc: StatusDoc = AdminClient::new(args, env).get("/v1/status").await?;
     if args.json {
@@ -302,11 +337,14 @@ pub async fn route(service: &str, key: Option<&str>, args: &ClientArgs, env: &dy
     if let Some(k) = key {
         path.push_str(&format!("?key={}", urlencode(k)));
     }
-    let doc: Route = AdminClient::new(args, env).get(&path).await?;
+    let client = AdminClient::new(args, env);
+    let doc: Route = client.get(&path).await?;
     if args.json {
         print_json(&doc)
     } else {
-        print!("{}", render_route(&doc))
+        print!("{}", render_route(&doc));
+        let instances: ServiceDoc = client.get(&format!("/v1/services/{}", urlencode(service))).await?;
+        print!("{}", render_instances(&doc, &instances));
     }
     Ok(())
 }
@@ -380,6 +418,45 @@ fn urlencode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::routing::Target;
+
+    #[test]
+    fn a_route_lists_every_instance_by_region_nearest_first() {
+        let t = |node: &str, region: &str| Target {
+            node: node.into(),
+            region: region.into(),
+            zone: "z".into(),
+            healthy: true,
+            load: 1,
+        };
+        let route = Route {
+            service: "web".into(),
+            key: Some("alice".into()),
+            from: "east-1".into(),
+            pinned: false,
+            chosen: Some(t("east-2", "us-east")),
+            failover: vec![t("west-1", "us-west")],
+            regions: vec!["us-east".into(), "us-west".into()],
+        };
+        let e = |node: &str, region: &str, healthy: bool, draining: bool| {
+            serde_json::json!({"node": node, "region": region, "zone": "z", "state": "alive", "healthy": healthy,
+                "draining": draining, "load": 3, "weight": 100, "port": 80, "data_addr": null})
+        };
+        let doc: ServiceDoc = serde_json::from_value(serde_json::json!({
+            "name": "web", "instances": 4, "healthy": 2, "pinned": false,
+            "endpoints": [e("west-1", "us-west", true, false), e("east-1", "us-east", false, false),
+                          e("east-2", "us-east", true, false), e("west-2", "us-west", true, true)]
+        }))
+        .unwrap();
+        let text = render_instances(&route, &doc);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "instances of web by region, nearest first:");
+        let rows: Vec<Vec<&str>> = lines[2..].iter().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["us-east", "east-1", "alive", "unhealthy", "3", "no"]);
+        assert_eq!(rows[1], ["us-east", "east-2", "alive", "healthy", "3", "yes"]);
+        assert_eq!(rows[2], ["us-west", "west-1", "alive", "healthy", "3", "yes"]);
+        assert_eq!(rows[3], ["us-west", "west-2", "alive", "draining", "3", "no"]);
+    }
 
     #[test]
     fn tables_align() {
