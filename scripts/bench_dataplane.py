@@ -18,6 +18,7 @@ per proxy process. The idle figure is taken once per chain; the others in rounds
 default), every chain once per round, and the medians are shown.
 """
 import argparse
+import json
 import os
 import re
 import resource
@@ -250,7 +251,6 @@ backend be_bulk
                 e0 = udp_rcv_errors()
                 out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(bulk_ports[c.name]), "-t", "5", "-J"], capture_output=True, text=True)
                 try:
-                    import json
                     m.setdefault("gbit", []).append(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9)
                 except (ValueError, KeyError):
                     pass

@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::api::{ErrorDoc, FireRequest, ServiceDoc, StatusDoc};
+use crate::api::{EndpointDoc, ErrorDoc, FireRequest, ServiceDoc, StatusDoc};
 use crate::cli::ClientArgs;
 use crate::cluster::routing::Route;
 use crate::cluster::snapshot::MemberView;
@@ -209,19 +209,24 @@ pub fn render_members(members: &[MemberView]) -> String {
     table(&rows, "")
 }
 
+/// An instance's health as the tables show it.
+fn health_label(e: &EndpointDoc) -> &'static str {
+    if e.draining {
+        "draining"
+    } else if e.healthy {
+        "healthy"
+    } else {
+        "unhealthy"
+    }
+}
+
 pub fn render_services(services: &[ServiceDoc]) -> String {
     let mut rows = vec![
         ["SERVICE", "NODE", "REGION", "ZONE", "STATE", "HEALTH", "LOAD", "WEIGHT", "PORT"].map(String::from).to_vec(),
     ];
     for s in services {
         for e in &s.endpoints {
-            let health = if e.draining {
-                "draining"
-            } else if e.healthy {
-                "healthy"
-            } else {
-                "unhealthy"
-            };
+            let health = health_label(e);
             rows.push(vec![
                 s.name.clone(),
                 e.node.clone(),
@@ -276,13 +281,7 @@ pub fn render_instances(r: &Route, doc: &ServiceDoc) -> String {
     endpoints.sort_by(|a, b| (rank(&a.region), &a.region, &a.node).cmp(&(rank(&b.region), &b.region, &b.node)));
     let mut rows = vec![["REGION", "NODE", "STATE", "HEALTH", "LOAD", "ROUTE"].map(String::from).to_vec()];
     for e in endpoints {
-        let health = if e.draining {
-            "draining"
-        } else if e.healthy {
-            "healthy"
-        } else {
-            "unhealthy"
-        };
+        let health = health_label(e);
         let route = if in_route.contains(&e.node.as_str()) {
             "yes"
         } else if rank(&e.region) == usize::MAX {

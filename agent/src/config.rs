@@ -463,10 +463,12 @@ impl Layer {
 
     /// `self` with every setting present in `later` replaced by it.
     pub fn merge(mut self, later: Layer) -> Layer {
+        // Every field `later` sets replaces `into`'s.
         macro_rules! take {
-            ($($f:ident),*) => { $( if later.$f.is_some() { self.$f = later.$f; } )* };
+            ($into:expr, $from:expr; $($f:ident),*) => { $( if $from.$f.is_some() { $into.$f = $from.$f; } )* };
         }
         take!(
+            self, later;
             dev,
             cluster,
             node_id,
@@ -502,39 +504,18 @@ impl Layer {
         );
         if let Some(s) = later.security {
             let mine = self.security.get_or_insert_with(SecurityLayer::default);
-            if s.cluster_key_file.is_some() {
-                mine.cluster_key_file = s.cluster_key_file;
-            }
-            if s.ca_file.is_some() {
-                mine.ca_file = s.ca_file;
-            }
-            if s.cert_file.is_some() {
-                mine.cert_file = s.cert_file;
-            }
-            if s.key_file.is_some() {
-                mine.key_file = s.key_file;
-            }
+            take!(mine, s; cluster_key_file, ca_file, cert_file, key_file);
         }
         if let Some(i) = later.ingress {
             let mine = self.ingress.get_or_insert_with(IngressLayer::default);
-            if i.listen.is_some() {
-                mine.listen = i.listen;
-            }
+            take!(mine, i; listen);
             if !i.routes.is_empty() {
                 mine.routes = i.routes;
             }
             // Field by field: a flag naming the cookie keeps the file's fallback.
             if let Some(a) = i.affinity {
                 let m = mine.affinity.get_or_insert_with(Affinity::default);
-                if a.cookie.is_some() {
-                    m.cookie = a.cookie;
-                }
-                if a.header.is_some() {
-                    m.header = a.header;
-                }
-                if a.fallback.is_some() {
-                    m.fallback = a.fallback;
-                }
+                take!(m, a; cookie, header, fallback);
             }
         }
         self

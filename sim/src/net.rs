@@ -46,6 +46,16 @@ struct Link {
 }
 
 impl Link {
+    /// From `from` to `to`, and back unless one-way.
+    fn between(from: Side, to: Side, one_way: bool) -> Vec<Link> {
+        let mut links = Vec::with_capacity(2);
+        if !one_way {
+            links.push(Link { from: to.clone(), to: from.clone() });
+        }
+        links.push(Link { from, to });
+        links
+    }
+
     fn matches(&self, from: SocketAddr, rf: usize, to: SocketAddr, rt: usize) -> bool {
         self.from.contains(from, rf) && self.to.contains(to, rt)
     }
@@ -121,20 +131,12 @@ impl SimNet {
 
     /// The loss rate from `from` to `to` (and back unless one-way), over the general rate.
     pub fn set_link_loss(&self, from: Side, to: Side, one_way: bool, rate: f64) {
-        let mut s = self.lock();
-        if !one_way {
-            s.link_loss.push((Link { from: to.clone(), to: from.clone() }, rate));
-        }
-        s.link_loss.push((Link { from, to }, rate));
+        self.lock().link_loss.extend(Link::between(from, to, one_way).into_iter().map(|l| (l, rate)));
     }
 
     /// Cuts traffic from `from` to `to` (and back unless one-way).
     pub fn partition(&self, from: Side, to: Side, one_way: bool) {
-        let mut s = self.lock();
-        if !one_way {
-            s.cuts.push(Link { from: to.clone(), to: from.clone() });
-        }
-        s.cuts.push(Link { from, to });
+        self.lock().cuts.extend(Link::between(from, to, one_way));
     }
 
     /// Removes every partition (loss stays as it is).

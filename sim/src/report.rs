@@ -591,25 +591,20 @@ pub fn plots(rec: &Recording, simulated_s: f64) -> Vec<(&'static str, String)> {
     // Up to four regions, one line per (observed, observing) pair; past that (a hundred lines
     // at ten regions), per region: seen from inside it, seen from the others on average.
     let pairwise = rec.regions.len() <= 4;
+    let seen_from = |region: &str, from: &str| -> Vec<(f64, f64)> {
+        rec.seen_alive
+            .iter()
+            .filter(|(_, f, r, _, _)| r == region && f == from)
+            .map(|(t, _, _, m, _)| (*t, *m))
+            .collect()
+    };
     for region in &rec.regions {
         if pairwise {
             for from in &rec.regions {
-                let seen: Vec<(f64, f64)> = rec
-                    .seen_alive
-                    .iter()
-                    .filter(|(_, f, r, _, _)| r == region && f == from)
-                    .map(|(t, _, _, m, _)| (*t, *m))
-                    .collect();
-                alive.push((format!("{region} seen from {from}"), seen));
+                alive.push((format!("{region} seen from {from}"), seen_from(region, from)));
             }
         } else {
-            let inside: Vec<(f64, f64)> = rec
-                .seen_alive
-                .iter()
-                .filter(|(_, f, r, _, _)| r == region && f == region)
-                .map(|(t, _, _, m, _)| (*t, *m))
-                .collect();
-            alive.push((format!("{region} seen from inside"), inside));
+            alive.push((format!("{region} seen from inside"), seen_from(region, region)));
             let mut others: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
             for (t, _, _, m, _) in rec.seen_alive.iter().filter(|(_, f, r, _, _)| r == region && f != region) {
                 let e = others.entry(t.to_bits()).or_default();

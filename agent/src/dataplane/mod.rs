@@ -85,7 +85,7 @@ impl DialBackoff {
     /// new address) is dialled at once.
     fn retry_at(&self, addr: SocketAddr) -> Option<Instant> {
         let (a, at) = self.last?;
-        if a != addr || self.failures == 0 {
+        if a != addr {
             return None;
         }
         let wait = DIAL_BACKOFF.saturating_mul(1 << (self.failures - 1).min(16)).min(DIAL_BACKOFF_MAX);

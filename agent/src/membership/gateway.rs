@@ -104,8 +104,7 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
             // gateway yet; with a doubling backoff to a minute a cluster with 20% loss between
             // its regions went 35 s without a WAN pool. Only a lonely gateway asks (in a
             // one-region cluster the two gateways keep each other company).
-            let cap = lonely_max;
-            lonely_backoff = (lonely_backoff * 2).min(cap);
+            lonely_backoff = (lonely_backoff * 2).min(lonely_max);
         } else if peers > 0 {
             lonely_backoff = LONELY_FIRST;
         }
