@@ -178,6 +178,9 @@ pub struct RunArgs {
     /// How long open connections may finish on shutdown [env: AGENT_DRAIN_TIMEOUT] [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// How long a forwarded connection may carry no byte either way before it is closed; 0s never [env: AGENT_IDLE_TIMEOUT] [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
     /// Threads carrying gossip and traffic; more help a busy gateway, one keeps latency lowest [env: AGENT_WORKER_THREADS] [default: 1]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<String>,
@@ -263,7 +266,7 @@ impl RunArgs {
         if self.dev {
             l.dev = Some(true);
         }
-        let scalars: [(&str, Option<String>); 32] = [
+        let scalars: [(&str, Option<String>); 33] = [
             ("cluster", self.cluster.clone()),
             ("node_id", self.node_id.clone()),
             ("region", self.region.clone()),
@@ -278,6 +281,7 @@ impl RunArgs {
             ("log_format", self.log_format.clone()),
             ("log_level", self.log_level.clone()),
             ("drain_timeout", self.drain_timeout.clone()),
+            ("idle_timeout", self.idle_timeout.clone()),
             ("worker_threads", self.worker_threads.clone()),
             ("gossip_interval", self.gossip_interval.clone()),
             ("phi_threshold", self.phi_threshold.clone()),

@@ -197,6 +197,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub drain_timeout: Duration,
+    /// Forwarded connections (upstream, upgraded ingress, from peers) that carry no byte either
+    /// way for this long are closed; `None` never.
+    pub idle_timeout: Option<Duration>,
     /// Threads of the async runtime that carries gossip and traffic.
     pub worker_threads: usize,
     pub gossip: GossipSettings,
@@ -281,6 +284,7 @@ pub struct Layer {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub drain_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
     pub worker_threads: Option<String>,
     pub gossip_interval: Option<String>,
     pub phi_threshold: Option<String>,
@@ -320,6 +324,7 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
     ("log_format", "text or json"),
     ("log_level", "tracing filter"),
     ("drain_timeout", "how long open connections may finish on shutdown"),
+    ("idle_timeout", "how long a forwarded connection may carry nothing before it is closed (0s: never)"),
     ("worker_threads", "threads carrying gossip and traffic"),
     ("gossip_interval", "gossip round interval"),
     ("phi_threshold", "failure-detector threshold"),
@@ -439,6 +444,7 @@ impl Layer {
             "log_format" => self.log_format = Some(v),
             "log_level" => self.log_level = Some(v),
             "drain_timeout" => self.drain_timeout = Some(v),
+            "idle_timeout" => self.idle_timeout = Some(v),
             "worker_threads" => self.worker_threads = Some(v),
             "gossip_interval" => self.gossip_interval = Some(v),
             "phi_threshold" => self.phi_threshold = Some(v),
@@ -485,6 +491,7 @@ impl Layer {
             log_format,
             log_level,
             drain_timeout,
+            idle_timeout,
             worker_threads,
             gossip_interval,
             phi_threshold,
@@ -641,6 +648,9 @@ impl Layer {
         };
         let drain_timeout =
             duration_in("drain_timeout", self.drain_timeout.as_deref(), "10s", Duration::ZERO, secs(3600))?;
+        let idle_timeout =
+            duration_in("idle_timeout", self.idle_timeout.as_deref(), "1h", Duration::ZERO, secs(7 * 24 * 3600))?;
+        let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
         let worker_threads = int_in("worker_threads", self.worker_threads.as_deref(), 1, 1, 256)? as usize;
         let s = self.security.unwrap_or_default();
         let security = Security {
@@ -718,6 +728,7 @@ impl Layer {
             log_format,
             log_level,
             drain_timeout,
+            idle_timeout,
             worker_threads,
             gossip,
             events,
@@ -1001,6 +1012,21 @@ mod tests {
         for bad in ["42", "web.1", "10.0.0.1"] {
             assert_eq!(resolve(bad), Err("node_id".to_string()), "{bad}");
         }
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_an_hour_and_zero_turns_it_off() {
+        let resolve = |v: Option<&str>| {
+            let mut l = Layer { dev: Some(true), ..Layer::default() };
+            if let Some(v) = v {
+                l.set_scalar("idle_timeout", v.into());
+            }
+            l.resolve().map(|c| c.idle_timeout).map_err(|e| e.setting)
+        };
+        assert_eq!(resolve(None), Ok(Some(Duration::from_secs(3600))));
+        assert_eq!(resolve(Some("90s")), Ok(Some(Duration::from_secs(90))));
+        assert_eq!(resolve(Some("0s")), Ok(None));
+        assert_eq!(resolve(Some("soon")), Err("idle_timeout".to_string()));
     }
 
     #[test]

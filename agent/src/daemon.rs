@@ -242,8 +242,15 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     let mut background = Vec::new();
     let dataplane = match (data_socket, &credentials) {
         (Some(socket), Some(creds)) => {
-            let dp =
-                DataPlane::start(socket, creds, &node_id, membership.snapshots(), services.clone(), metrics.clone())?;
+            let dp = DataPlane::start(
+                socket,
+                creds,
+                &node_id,
+                membership.snapshots(),
+                services.clone(),
+                metrics.clone(),
+                config.idle_timeout,
+            )?;
             background.push(tokio::spawn(dp.clone().serve()));
             for (service, l) in upstream_listeners {
                 tracing::info!(service = %service, listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "upstream listening");

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub peers_refused: Family<ReasonLabel, Counter>,
     pub streams: Family<StreamLabel, Counter>,
     pub ejections: Counter,
+    /// Forwarded connections closed after `idle_timeout` without a byte either way.
+    pub idle_closed: Counter,
     pub ingress_requests: Family<CodeLabel, Counter>,
     pub dns_queries: Family<KindLabel, Counter>,
     /// Members in each gossip pool this agent belongs to (`region`, `wan`).
@@ -140,6 +142,12 @@ impl Metrics {
             "Instances ejected locally after repeated failures",
             ejections.clone(),
         );
+        let idle_closed = Counter::default();
+        registry.register(
+            "dataplane_idle_closed",
+            "Forwarded connections closed after idle_timeout without a byte either way",
+            idle_closed.clone(),
+        );
         let ingress_requests = Family::<CodeLabel, Counter>::default();
         registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
         let dns_queries = Family::<KindLabel, Counter>::default();
@@ -213,6 +221,7 @@ impl Metrics {
             peers_refused,
             streams,
             ejections,
+            idle_closed,
             ingress_requests,
             dns_queries,
             pool_size,

@@ -46,7 +46,7 @@ fn http_and_1mb_bodies_cross_regions_through_an_upstream_listener() {
 }
 
 #[test]
-fn websocket_echo_through_ingress_across_agents() {
+fn websocket_echo_through_ingress_across_agents_closed_once_idle() {
     let cluster = Cluster::new();
     let ws = WsBackend::start();
     let port = free_port();
@@ -55,6 +55,8 @@ fn websocket_echo_through_ingress_across_agents() {
         &format!("127.0.0.1:{port}"),
         "--ingress-route",
         "path_prefix=/,service=chat",
+        "--idle-timeout",
+        "1s",
     ]));
     let _b =
         cluster.start(AgentOpts::new("chat-1", "us-west").join(a.gossip).service(&format!("chat={}", ws.addr.port())));
@@ -67,7 +69,25 @@ fn websocket_echo_through_ingress_across_agents() {
     let big = vec![7u8; 200_000];
     socket.send(tungstenite::Message::binary(big.clone())).unwrap();
     assert_eq!(socket.read().unwrap().into_data().as_ref(), big.as_slice());
-    socket.close(None).unwrap();
+    // A message every 300 ms keeps the socket open past the 1 s idle_timeout...
+    for i in 0..8 {
+        std::thread::sleep(Duration::from_millis(300));
+        socket.send(tungstenite::Message::text(format!("tick {i}"))).unwrap();
+        assert_eq!(socket.read().unwrap().into_text().unwrap().as_str(), format!("tick {i}"));
+    }
+    assert_eq!(a.metric("grapevine_dataplane_idle_closed_total", ""), 0.0);
+    // ...and then silence closes it.
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = socket.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let ended = socket.read();
+    assert!(
+        matches!(ended, Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::Protocol(_))),
+        "the idle socket was not closed: {ended:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5), "closed after {:?}", start.elapsed());
+    assert_eq!(a.metric("grapevine_dataplane_idle_closed_total", ""), 1.0);
 }
 
 #[test]

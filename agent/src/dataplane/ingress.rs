@@ -18,6 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::splice::IdleLimit;
 use super::{BackendStream, DataPlane, ForwardError};
 use crate::config::IngressConfig;
 
@@ -68,7 +69,11 @@ pub async fn serve(listener: TcpListener, config: Arc<IngressConfig>, dp: Arc<Da
 /// back the sockets it was given, with whatever it had read past the upgrade, so the
 /// connection is spliced as an upstream connection is, holding no buffer while idle (a
 /// WebSocket through the ingress is mostly idle); anything else is copied with buffers.
-async fn splice_upgraded(client: hyper::upgrade::Upgraded, backend: hyper::upgrade::Upgraded) {
+async fn splice_upgraded(
+    client: hyper::upgrade::Upgraded,
+    backend: hyper::upgrade::Upgraded,
+    idle: Option<&IdleLimit>,
+) {
     use super::splice::{QuicEnd, Splice};
     use tokio::io::AsyncWriteExt;
     // Both always downcast (the ingress made them from these types); the copies are a fallback.
@@ -83,10 +88,12 @@ async fn splice_upgraded(client: hyper::upgrade::Upgraded, backend: hyper::upgra
     let (mut tcp, to_backend) = (client.io.into_inner(), client.read_buf);
     match backend.downcast::<TokioIo<BackendStream>>() {
         Ok(b) => match b.io.into_inner() {
-            BackendStream::Tcp(app, _active) => Splice::with_pending(tcp, app, to_backend, b.read_buf).await,
+            BackendStream::Tcp(app, _active) => {
+                Splice::with_pending(tcp, app, to_backend, b.read_buf).idle_limit(idle).await
+            }
             BackendStream::Quic(q) => {
                 let (recv, send) = q.into_inner();
-                Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, b.read_buf).await
+                Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, b.read_buf).idle_limit(idle).await
             }
         },
         Err(backend) => {
@@ -205,9 +212,10 @@ async fn handle(
         && let Some(client_upgrade) = client_upgrade
     {
         let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let idle = dp.idle.clone();
         tokio::spawn(async move {
             if let (Ok(a), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
-                splice_upgraded(a, b).await;
+                splice_upgraded(a, b, idle.as_ref()).await;
             }
         });
     }

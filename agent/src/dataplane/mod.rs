@@ -281,6 +281,8 @@ pub struct DataPlane {
     ejections: Mutex<Ejections>,
     pub active: Arc<ActiveConnections>,
     draining: AtomicBool,
+    /// Closes forwarded connections that carry nothing for this long (`idle_timeout`).
+    pub idle: Option<splice::IdleLimit>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -323,12 +325,14 @@ impl DataPlane {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         services: Arc<LocalServices>,
         metrics: Arc<Metrics>,
+        idle_timeout: Option<Duration>,
     ) -> anyhow::Result<Arc<DataPlane>> {
         let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
         let mut endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(tls::server_config(creds)?), socket, runtime)
                 .context("starting the QUIC endpoint")?;
         endpoint.set_default_client_config(tls::client_config(creds)?);
+        let idle = idle_timeout.map(|after| splice::IdleLimit { after, closed: metrics.idle_closed.clone() });
         Ok(Arc::new(DataPlane {
             endpoint,
             node_id: node_id.to_string(),
@@ -339,6 +343,7 @@ impl DataPlane {
             ejections: Mutex::new(Ejections::default()),
             active: Arc::new(ActiveConnections::default()),
             draining: AtomicBool::new(false),
+            idle,
         }))
     }
 
@@ -442,7 +447,10 @@ impl DataPlane {
             // gets a task of its own holding only the splice and its guards.
             tokio::spawn(async move {
                 if let Some((app, send, recv, active)) = dp.admit_stream(send, recv, &peer).await {
-                    tokio::spawn(splice::Holding::new(splice::tcp_quic(app, send, recv), (active, slot)));
+                    tokio::spawn(splice::Holding::new(
+                        splice::tcp_quic(app, send, recv).idle_limit(dp.idle.as_ref()),
+                        (active, slot),
+                    ));
                 }
             });
         }

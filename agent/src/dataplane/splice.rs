@@ -16,8 +16,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::{Duration, Instant, Sleep};
 
 /// The most one read takes from either end.
 const READ_CHUNK: usize = 64 * 1024;
@@ -171,11 +173,12 @@ enum FlowState {
 }
 
 impl Flow {
-    fn poll(&mut self, from: &mut impl End, to: &mut impl End, cx: &mut Context<'_>) -> Poll<()> {
+    /// Moves what it can; sets `moved` when a byte was read or written.
+    fn poll(&mut self, from: &mut impl End, to: &mut impl End, cx: &mut Context<'_>, moved: &mut bool) -> Poll<()> {
         loop {
             match self.state {
                 FlowState::Open if !self.pending.is_empty() => match ready!(to.poll_put(cx, &mut self.pending)) {
-                    Ok(()) => {}
+                    Ok(()) => *moved = true,
                     Err(_) => {
                         from.abort_read();
                         self.pending = Bytes::new();
@@ -183,7 +186,10 @@ impl Flow {
                     }
                 },
                 FlowState::Open => match ready!(from.poll_chunk(cx)) {
-                    Ok(Some(chunk)) => self.pending = chunk,
+                    Ok(Some(chunk)) => {
+                        self.pending = chunk;
+                        *moved = true;
+                    }
                     Ok(None) => self.state = FlowState::Finishing,
                     Err(_) => {
                         to.abort_write();
@@ -200,19 +206,62 @@ impl Flow {
     }
 }
 
+/// How long a spliced connection may carry no byte either way before both ends are closed,
+/// and the counter of connections closed so.
+#[derive(Debug, Clone)]
+pub struct IdleLimit {
+    pub after: Duration,
+    pub closed: Counter,
+}
+
+/// A splice's idle timer. The timer is not moved on every byte (that would take the timer
+/// wheel's lock per chunk); traffic only notes the time, and when the timer fires it either
+/// closes the splice or is set again for `after` past the last byte.
+#[derive(Debug)]
+struct Idle {
+    sleep: Pin<Box<Sleep>>,
+    last: Instant,
+    limit: IdleLimit,
+}
+
+impl Idle {
+    /// Whether the splice has carried nothing for the limit; otherwise leaves the timer set.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let deadline = self.last + self.limit.after;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
 /// Copies between `a` and `b` both ways until both directions have ended; an end of stream
-/// on one side closes the other side's write direction only (half-close).
+/// on one side closes the other side's write direction only (half-close). With an idle limit,
+/// a splice that carries nothing either way for that long is closed at both ends.
 #[derive(Debug)]
 pub struct Splice<A: End, B: End> {
     a: A,
     b: B,
     a_to_b: Flow,
     b_to_a: Flow,
+    idle: Option<Idle>,
 }
 
 impl<A: End, B: End> Splice<A, B> {
     pub fn new(a: A, b: B) -> Self {
-        Splice { a, b, a_to_b: Flow::default(), b_to_a: Flow::default() }
+        Splice { a, b, a_to_b: Flow::default(), b_to_a: Flow::default(), idle: None }
+    }
+
+    /// Closes the splice after `limit.after` without a byte either way (`None`: never).
+    pub fn idle_limit(mut self, limit: Option<&IdleLimit>) -> Self {
+        self.idle = limit.map(|limit| {
+            let now = Instant::now();
+            Idle { sleep: Box::pin(tokio::time::sleep_until(now + limit.after)), last: now, limit: limit.clone() }
+        });
+        self
     }
 
     /// A splice whose first bytes each way were already read: `a_to_b` goes to `b` first,
@@ -223,6 +272,7 @@ impl<A: End, B: End> Splice<A, B> {
             b,
             a_to_b: Flow { pending: a_to_b, state: FlowState::Open },
             b_to_a: Flow { pending: b_to_a, state: FlowState::Open },
+            idle: None,
         }
     }
 }
@@ -232,9 +282,27 @@ impl<A: End, B: End> Future for Splice<A, B> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let forward = this.a_to_b.poll(&mut this.a, &mut this.b, cx);
-        let backward = this.b_to_a.poll(&mut this.b, &mut this.a, cx);
-        if forward.is_ready() && backward.is_ready() { Poll::Ready(()) } else { Poll::Pending }
+        let mut moved = false;
+        let forward = this.a_to_b.poll(&mut this.a, &mut this.b, cx, &mut moved);
+        let backward = this.b_to_a.poll(&mut this.b, &mut this.a, cx, &mut moved);
+        if forward.is_ready() && backward.is_ready() {
+            return Poll::Ready(());
+        }
+        if let Some(idle) = &mut this.idle {
+            if moved {
+                idle.last = Instant::now();
+            }
+            if idle.expired(cx) {
+                idle.limit.closed.inc();
+                // Both ways at both ends: TCP ends see a FIN, QUIC ends a reset and a stop.
+                this.a.abort_write();
+                this.b.abort_write();
+                this.a.abort_read();
+                this.b.abort_read();
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -300,6 +368,35 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"reply after half-close");
         tokio::time::timeout(std::time::Duration::from_secs(5), splice).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_splice_closes_once_idle_for_the_limit_and_not_while_bytes_move() {
+        use std::time::Duration;
+        let (mut client, x) = pair().await;
+        let (y, mut server) = pair().await;
+        let limit = IdleLimit { after: Duration::from_millis(300), closed: Counter::default() };
+        let splice = tokio::spawn(Splice::new(x, y).idle_limit(Some(&limit)));
+        // Bytes each way every 100 ms for three times the limit: the splice stays open.
+        let mut buf = [0u8; 4];
+        for i in 0..9u32 {
+            let (from, to) = if i % 2 == 0 { (&mut client, &mut server) } else { (&mut server, &mut client) };
+            from.write_all(&i.to_be_bytes()).await.unwrap();
+            to.read_exact(&mut buf).await.unwrap();
+            assert_eq!(u32::from_be_bytes(buf), i);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!splice.is_finished(), "a splice carrying bytes was closed");
+        assert_eq!(limit.closed.get(), 0);
+        // Then nothing: both ends see the end of the stream soon after the limit.
+        let start = tokio::time::Instant::now();
+        let eof = tokio::time::timeout(Duration::from_secs(5), async {
+            (client.read(&mut buf).await.unwrap(), server.read(&mut buf).await.unwrap())
+        });
+        assert_eq!(eof.await.expect("the idle splice was not closed"), (0, 0));
+        assert!(start.elapsed() >= Duration::from_millis(200), "closed after {:?}", start.elapsed());
+        tokio::time::timeout(Duration::from_secs(1), splice).await.unwrap().unwrap();
+        assert_eq!(limit.closed.get(), 1, "the close is counted");
     }
 
     #[test]

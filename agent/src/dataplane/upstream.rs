@@ -27,10 +27,11 @@ pub async fn serve(listener: TcpListener, service: String, dp: Arc<DataPlane>) {
                 Ok(fwd) => match fwd.stream {
                     BackendStream::Quic(q) => {
                         let (recv, send) = q.into_inner();
-                        tokio::spawn(splice::tcp_quic(client, send, recv));
+                        tokio::spawn(splice::tcp_quic(client, send, recv).idle_limit(dp.idle.as_ref()));
                     }
                     BackendStream::Tcp(app, active) => {
-                        tokio::spawn(splice::Holding::new(splice::Splice::new(client, app), active));
+                        let splice = splice::Splice::new(client, app).idle_limit(dp.idle.as_ref());
+                        tokio::spawn(splice::Holding::new(splice, active));
                     }
                 },
                 Err(e) => {
