@@ -72,7 +72,7 @@ pub async fn serve(listener: TcpListener, config: Arc<IngressConfig>, dp: Arc<Da
 async fn splice_upgraded(
     client: hyper::upgrade::Upgraded,
     backend: hyper::upgrade::Upgraded,
-    idle: Option<&IdleLimit>,
+    idle: Option<&Arc<IdleLimit>>,
 ) {
     use super::splice::{QuicEnd, Splice};
     use tokio::io::AsyncWriteExt;

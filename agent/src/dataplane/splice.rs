@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -214,25 +215,35 @@ pub struct IdleLimit {
     pub closed: Counter,
 }
 
-/// A splice's idle timer. The timer is not moved on every byte (that would take the timer
-/// wheel's lock per chunk); traffic only notes the time, and when the timer fires it either
-/// closes the splice or is set again for `after` past the last byte.
+/// Checks per idle limit: a splice is closed after more than this many checks in a row found
+/// it quiet, between 1 and 1.25 times the limit after its last byte.
+const IDLE_CHECKS: u8 = 4;
+
+/// A splice's idle timer. Traffic does not touch the timer (moving it takes the timer wheel's
+/// lock) nor read the clock: it only zeroes `quiet`, and the timer fires every quarter of the
+/// limit, counting the quiet quarters.
 #[derive(Debug)]
 struct Idle {
     sleep: Pin<Box<Sleep>>,
-    last: Instant,
-    limit: IdleLimit,
+    limit: Arc<IdleLimit>,
+    /// Checks in a row that found the splice quiet.
+    quiet: u8,
 }
 
 impl Idle {
+    fn period(&self) -> Duration {
+        self.limit.after / u32::from(IDLE_CHECKS)
+    }
+
     /// Whether the splice has carried nothing for the limit; otherwise leaves the timer set.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         while self.sleep.as_mut().poll(cx).is_ready() {
-            let deadline = self.last + self.limit.after;
-            if Instant::now() >= deadline {
+            self.quiet += 1;
+            if self.quiet > IDLE_CHECKS {
                 return true;
             }
-            self.sleep.as_mut().reset(deadline);
+            let next = self.sleep.deadline() + self.period();
+            self.sleep.as_mut().reset(next);
         }
         false
     }
@@ -256,10 +267,10 @@ impl<A: End, B: End> Splice<A, B> {
     }
 
     /// Closes the splice after `limit.after` without a byte either way (`None`: never).
-    pub fn idle_limit(mut self, limit: Option<&IdleLimit>) -> Self {
+    pub fn idle_limit(mut self, limit: Option<&Arc<IdleLimit>>) -> Self {
         self.idle = limit.map(|limit| {
-            let now = Instant::now();
-            Idle { sleep: Box::pin(tokio::time::sleep_until(now + limit.after)), last: now, limit: limit.clone() }
+            let first = Instant::now() + limit.after / u32::from(IDLE_CHECKS);
+            Idle { sleep: Box::pin(tokio::time::sleep_until(first)), limit: limit.clone(), quiet: 0 }
         });
         self
     }
@@ -290,7 +301,7 @@ impl<A: End, B: End> Future for Splice<A, B> {
         }
         if let Some(idle) = &mut this.idle {
             if moved {
-                idle.last = Instant::now();
+                idle.quiet = 0;
             }
             if idle.expired(cx) {
                 idle.limit.closed.inc();
@@ -375,26 +386,27 @@ mod tests {
         use std::time::Duration;
         let (mut client, x) = pair().await;
         let (y, mut server) = pair().await;
-        let limit = IdleLimit { after: Duration::from_millis(300), closed: Counter::default() };
+        let limit = Arc::new(IdleLimit { after: Duration::from_millis(300), closed: Counter::default() });
         let splice = tokio::spawn(Splice::new(x, y).idle_limit(Some(&limit)));
         // Bytes each way every 100 ms for three times the limit: the splice stays open.
         let mut buf = [0u8; 4];
         for i in 0..9u32 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let (from, to) = if i % 2 == 0 { (&mut client, &mut server) } else { (&mut server, &mut client) };
             from.write_all(&i.to_be_bytes()).await.unwrap();
             to.read_exact(&mut buf).await.unwrap();
             assert_eq!(u32::from_be_bytes(buf), i);
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let start = tokio::time::Instant::now();
         assert!(!splice.is_finished(), "a splice carrying bytes was closed");
         assert_eq!(limit.closed.get(), 0);
         // Then nothing: both ends see the end of the stream soon after the limit.
-        let start = tokio::time::Instant::now();
         let eof = tokio::time::timeout(Duration::from_secs(5), async {
             (client.read(&mut buf).await.unwrap(), server.read(&mut buf).await.unwrap())
         });
         assert_eq!(eof.await.expect("the idle splice was not closed"), (0, 0));
-        assert!(start.elapsed() >= Duration::from_millis(200), "closed after {:?}", start.elapsed());
+        // Never before the limit, at most a quarter of it late (plus scheduling).
+        assert!(start.elapsed() >= Duration::from_millis(300), "closed after {:?}", start.elapsed());
         tokio::time::timeout(Duration::from_secs(1), splice).await.unwrap().unwrap();
         assert_eq!(limit.closed.get(), 1, "the close is counted");
     }
