@@ -14,6 +14,7 @@ pub mod ingress;
 pub mod pki;
 pub mod splice;
 pub mod tls;
+pub mod udp;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -327,7 +328,7 @@ impl DataPlane {
         metrics: Arc<Metrics>,
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<Arc<DataPlane>> {
-        let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+        let runtime = Arc::new(udp::ReadOnlyRegistration);
         let mut endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(tls::server_config(creds)?), socket, runtime)
                 .context("starting the QUIC endpoint")?;
