@@ -7,9 +7,12 @@ Chains (all L4, so every byte of the client's connection crosses both proxies):
   direct      wrk -> nginx
   grapevine   wrk -> agent A upstream port -> QUIC (mutual TLS) -> agent B -> nginx
   haproxy     wrk -> haproxy A (tcp) -> TLS 1.3 with client certificates -> haproxy B (tcp) -> nginx
+  baseline    (with --baseline-agent PATH) the grapevine chain with another agent binary, to
+              compare two builds in one run (figures between runs on a shared machine drift
+              more than most changes move them)
 
 Measured per chain: latency p50 and p99 at concurrency 1 and 64 (wrk, HTTP/1.1 keep-alive, a
-small body), requests/s at concurrency 64, proxy CPU microseconds per request (both proxies,
+small body), requests/s at concurrency 64, proxy CPU microseconds per request at concurrency 1 and 64 (both proxies,
 from /proc), bulk throughput of one TCP connection (iperf3 through the chain) with the UDP
 receive errors during it, and RSS per idle connection (10,000 connections held open; an agent
 holds one descriptor per connection, haproxy two, so haproxy holds as many as its descriptor
@@ -71,7 +74,8 @@ def udp_rcv_errors():
     with open("/proc/net/snmp") as f:
         lines = [l.split() for l in f if l.startswith("Udp:")]
     header, values = lines[0], lines[1]
-    return int(values[header.index("RcvbufErrors")]) + int(values[header.index("InErrors")])
+    # InErrors counts every datagram dropped on receipt, RcvbufErrors (full buffers) included.
+    return int(values[header.index("InErrors")])
 
 
 def to_us(text):
@@ -111,11 +115,14 @@ def main():
     ap.add_argument("--seconds", type=int, default=6, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the latency, saturation and bulk runs; medians are shown")
     ap.add_argument("--idle", type=int, default=10000, help="idle connections for the RSS figure")
+    ap.add_argument("--baseline-agent", metavar="PATH",
+                    help="another agent binary (an earlier build, say) measured as a fourth chain in the same run")
     args = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # The client holds one descriptor per connection, an agent one, haproxy two.
-    idle_for = {"grapevine": min(args.idle, hard - 200), "haproxy": min(args.idle, max(0, hard // 2 - 200))}
+    idle_for = {"grapevine": min(args.idle, hard - 200), "baseline": min(args.idle, hard - 200),
+                "haproxy": min(args.idle, max(0, hard // 2 - 200))}
     work = tempfile.mkdtemp(prefix="bench-dataplane-")
     procs = []
     try:
@@ -133,29 +140,47 @@ http {{ access_log off; keepalive_requests 1000000;
 
         # PKI for both chains, from the agent's own commands.
         subprocess.run([AGENT, "ca", "init", "--out", f"{work}/pki"], check=True, capture_output=True)
-        for node in ("a", "b"):
+        for node in ("a", "b", "c", "d"):
             subprocess.run([AGENT, "cert", "issue", "--ca", f"{work}/pki", "--node", node, "--out", f"{work}/pki"], check=True, capture_output=True)
             with open(f"{work}/pki/{node}.both.pem", "w") as f:
                 f.write(open(f"{work}/pki/{node}.pem").read() + open(f"{work}/pki/{node}.key").read())
         with open(f"{work}/cluster.key", "w") as f:
             f.write(subprocess.check_output([AGENT, "keygen"], text=True))
 
-        # Grapevine: B fronts nginx and iperf3; A has upstream ports for both.
+        # Grapevine: B fronts nginx and iperf3; A has upstream ports for both (web on port
+        # 28001 + 2k, bulk on 28002 + 2k, for pair k). The baseline pair is a cluster of its own.
         common = ["--cluster-key-file", f"{work}/cluster.key", "--ca-file", f"{work}/pki/ca.pem", "--log-level", "warn"]
-        a = start([AGENT, "run", "--node-id", "a", "--region", "r", *common, "--cert-file", f"{work}/pki/a.pem", "--key-file", f"{work}/pki/a.key",
-                   "--gossip-addr", "127.0.0.1:28301", "--data-addr", "127.0.0.1:28311", "--admin-addr", "127.0.0.1:28321", "--dns-addr", "127.0.0.1:0",
-                   "--data-dir", f"{work}/a", "--upstream", "web=127.0.0.1:28001", "--upstream", "bulk=127.0.0.1:28002"])
-        b = start([AGENT, "run", "--node-id", "b", "--region", "r", *common, "--cert-file", f"{work}/pki/b.pem", "--key-file", f"{work}/pki/b.key",
-                   "--gossip-addr", "127.0.0.1:28302", "--data-addr", "127.0.0.1:28312", "--admin-addr", "127.0.0.1:28322", "--dns-addr", "127.0.0.1:0",
-                   "--data-dir", f"{work}/b", "--join", "127.0.0.1:28301", "--service", f"web={NGINX_PORT}", "--service", f"bulk={IPERF_PORT}"])
-        procs += [a, b]
-        wait_port(28001)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            out = subprocess.run([AGENT, "services", "--json", "--admin-addr", "127.0.0.1:28321"], capture_output=True, text=True).stdout
-            if out.count('"healthy": true') >= 2:
-                break
-            time.sleep(0.2)
+
+        def start_pair(binary, k, sender, receiver):
+            def ports(i):
+                return {"gossip": 28301 + 2 * k + i, "data": 28311 + 2 * k + i, "admin": 28321 + 2 * k + i}
+            pa, pb = ports(0), ports(1)
+
+            def agent(node, p, extra):
+                return start([binary, "run", "--node-id", node, "--region", "r", *common, "--cert-file", f"{work}/pki/{node}.pem",
+                              "--key-file", f"{work}/pki/{node}.key", "--gossip-addr", f"127.0.0.1:{p['gossip']}",
+                              "--data-addr", f"127.0.0.1:{p['data']}", "--admin-addr", f"127.0.0.1:{p['admin']}",
+                              "--dns-addr", "127.0.0.1:0", "--data-dir", f"{work}/{node}", *extra])
+            x = agent(sender, pa, ["--upstream", f"web=127.0.0.1:{28001 + 2 * k}", "--upstream", f"bulk=127.0.0.1:{28002 + 2 * k}"])
+            y = agent(receiver, pb, ["--join", f"127.0.0.1:{pa['gossip']}", "--service", f"web={NGINX_PORT}", "--service", f"bulk={IPERF_PORT}"])
+            procs.extend([x, y])
+            wait_port(28001 + 2 * k)
+            # A port already taken (another agent left running) would have the chain measure that one.
+            time.sleep(1)
+            for name, p in ((sender, x), (receiver, y)):
+                if p.poll() is not None:
+                    sys.exit(f"agent {name} exited at start (code {p.returncode}): are ports 28001-28330 free?")
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                out = subprocess.run([AGENT, "services", "--json", "--admin-addr", f"127.0.0.1:{pa['admin']}"], capture_output=True, text=True).stdout
+                if out.count('"healthy": true') >= 2:
+                    break
+                time.sleep(0.2)
+            return x, y
+
+        a, b = start_pair(AGENT, 0, "a", "b")
+        if args.baseline_agent:
+            base = start_pair(os.path.abspath(args.baseline_agent), 1, "c", "d")
 
         # haproxy: A (tcp) -> TLS with client certificates -> B (tcp).
         ca = f"{work}/pki/ca.pem"
@@ -205,6 +230,9 @@ backend be_bulk
 
         chains = [Chain("direct", NGINX_PORT, []), Chain("grapevine", 28001, [a.pid, b.pid]), Chain("haproxy", 28101, [hap_a.pid, hap_b.pid])]
         bulk_ports = {"direct": IPERF_PORT, "grapevine": 28002, "haproxy": 28103}
+        if args.baseline_agent:
+            chains.append(Chain("baseline", 28003, [p.pid for p in base]))
+            bulk_ports["baseline"] = 28004
         results = {c.name: {} for c in chains}
         # Idle connections first, on proxies that have only been warmed up: after bulk and
         # saturation runs, their heaps have room to spare and the figure would read low.
@@ -238,9 +266,11 @@ backend be_bulk
             for c in chains:
                 print(f"  round {rnd + 1}/{args.rounds}: {c.name} ...", file=sys.stderr, flush=True)
                 m = samples[c.name]
-                p50, p99, _, _, _ = wrk(c.port, 1, args.seconds)
+                t0 = cpu_ticks(c.pids) if c.pids else 0
+                p50, p99, _, total, _ = wrk(c.port, 1, args.seconds)
                 m.setdefault("p50_c1", []).append(p50)
                 m.setdefault("p99_c1", []).append(p99)
+                m.setdefault("cpu_us_c1", []).append((cpu_ticks(c.pids) - t0) / CLK_TCK * 1e6 / total if c.pids else 0.0)
                 t0 = cpu_ticks(c.pids) if c.pids else 0
                 p50, p99, rps, total, errors = wrk(c.port, 64, args.seconds)
                 m.setdefault("p50_c64", []).append(p50)
@@ -266,17 +296,29 @@ backend be_bulk
                 results[name][key + "_all"] = vals
 
         d, g, h = results["direct"], results["grapevine"], results["haproxy"]
+        bl = results.get("baseline")
         print()
-        print(f"data plane on loopback, one run, medians of {args.rounds} rounds; added = chain minus direct; ratio = grapevine / haproxy")
-        print(f"  {'metric':<44} {'direct':>10} {'grapevine':>11} {'haproxy':>10} {'ratio':>7}")
+        print(f"data plane on loopback, one run, medians of {args.rounds} rounds; added = chain minus direct; ratio = grapevine / haproxy"
+              + ("; vs base = grapevine / baseline" if bl else ""))
+        print(f"  {'metric':<44} {'direct':>10} {'grapevine':>11} {'haproxy':>10} {'ratio':>7}"
+              + (f" {'baseline':>11} {'vs base':>7}" if bl else ""))
+
+        def ratio(x, y):
+            return f"{x / y:.2f}" if x is not None and y else "-"
+
+        def line(title, cells, vals):
+            text = f"  {title:<44} {cells[0]:>10} {cells[1]:>11} {cells[2]:>10} {ratio(vals[1], vals[2]):>7}"
+            if bl:
+                text += f" {cells[3]:>11} {ratio(vals[1], vals[3]):>7}"
+            print(text)
 
         def row(title, key, unit, added=False, fmt="{:.0f}"):
-            vals = [r[key] for r in (d, g, h)]
+            chains_here = [d, g, h] + ([bl] if bl else [])
+            vals = [r.get(key) for r in chains_here]
             if added:
-                vals = [None, g[key] - d[key], h[key] - d[key]]
+                vals = [None] + [r[key] - d[key] for r in chains_here[1:]]
             cells = ["-" if v is None else fmt.format(v) + unit for v in vals]
-            ratio = f"{vals[1] / vals[2]:.2f}" if vals[1] is not None and vals[2] else "-"
-            print(f"  {title:<44} {cells[0]:>10} {cells[1]:>11} {cells[2]:>10} {ratio:>7}")
+            line(title, cells, vals)
 
         row("latency p50, concurrency 1", "p50_c1", " µs")
         row("added p50, concurrency 1", "p50_c1", " µs", added=True)
@@ -285,16 +327,20 @@ backend be_bulk
         row("added p50, concurrency 64", "p50_c64", " µs", added=True)
         row("latency p99, concurrency 64", "p99_c64", " µs")
         row("requests/s, concurrency 64", "rps", "")
-        row("proxy CPU per request (both proxies)", "cpu_us", " µs", fmt="{:.1f}")
+        row("proxy CPU per request, concurrency 1", "cpu_us_c1", " µs", fmt="{:.1f}")
+        row("proxy CPU per request, concurrency 64", "cpu_us", " µs", fmt="{:.1f}")
         row("bulk, one TCP connection (iperf3)", "gbit", " Gbit/s", fmt="{:.2f}")
         row("UDP receive errors during bulk (all rounds)", "udp_errors", "")
         if "rss_per_conn" in g:
-            print(f"  {'RSS per idle connection, both proxies':<44} {'-':>10} {g['rss_per_conn']:>8.0f} B {h['rss_per_conn']:>8.0f} B {g['rss_per_conn'] / h['rss_per_conn']:>7.2f}")
-            print(f"  {'RSS per idle connection, per proxy':<44} {'-':>10} {g['rss_per_conn'] / 2:>8.0f} B {h['rss_per_conn'] / 2:>8.0f} B {g['rss_per_conn'] / h['rss_per_conn']:>7.2f}")
-            print(f"  (held open: grapevine {g['idle_conns']}, haproxy {h['idle_conns']})")
-            print(f"  (the last idle connection answered a request: grapevine {g['idle_ok']}, haproxy {h['idle_ok']})")
-        bulk = {n: " ".join(f"{v:.2f}" for v in results[n].get("gbit_all", [])) for n in ("grapevine", "haproxy")}
-        print(f"  (bulk per round, Gbit/s: grapevine {bulk['grapevine']}; haproxy {bulk['haproxy']})")
+            for title, per in (("RSS per idle connection, both proxies", 1), ("RSS per idle connection, per proxy", 2)):
+                vals = [None, g["rss_per_conn"] / per, h["rss_per_conn"] / per] + ([bl["rss_per_conn"] / per] if bl else [])
+                line(title, ["-" if v is None else f"{v:.0f} B" for v in vals], vals)
+            names = ["grapevine", "haproxy"] + (["baseline"] if bl else [])
+            print("  (held open: " + ", ".join(f"{n} {results[n]['idle_conns']}" for n in names) + ")")
+            print("  (the last idle connection answered a request: " + ", ".join(f"{n} {results[n]['idle_ok']}" for n in names) + ")")
+        names = ["grapevine", "haproxy"] + (["baseline"] if bl else [])
+        print("  (bulk per round, Gbit/s: " + "; ".join(n + " " + " ".join(f"{v:.2f}" for v in results[n].get("gbit_all", [])) for n in names) + ")")
+        print("  (UDP receive errors per round: " + "; ".join(n + " " + " ".join(str(v) for v in results[n].get("udp_errors_all", [])) for n in names) + ")")
         for name, r in results.items():
             if r["errors"]:
                 print(f"  note: wrk socket errors on {name}: {r['errors']}")

@@ -4,7 +4,7 @@
 //! the reactor once for every datagram sent, when the kernel frees it and the socket becomes
 //! writable again: on a forwarded request (one datagram out, one in, per agent) that is one
 //! `epoll_wait` in three. Sends here go straight to the socket; only after one would block
-//! (the 4 MiB send buffer is full) does the sender register a duplicate of the socket for
+//! (the 16 MiB send buffer is full) does the sender register a duplicate of the socket for
 //! writing, until it is writable again. Reads also skip the call that would only say the
 //! socket is empty: a batch shorter than asked for drained it (as tokio does for TCP reads).
 
