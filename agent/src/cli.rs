@@ -181,7 +181,7 @@ pub struct RunArgs {
     /// How long a forwarded connection may carry no byte either way before it is closed; 0s never [env: AGENT_IDLE_TIMEOUT] [default: 1h]
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
-    /// Threads carrying gossip and traffic; more help a busy gateway, one keeps latency lowest [env: AGENT_WORKER_THREADS] [default: 1]
+    /// Threads carrying gossip and traffic: 1 runs all on one thread (tokio current-thread), more use a work-stealing pool [env: AGENT_WORKER_THREADS] [default: 1]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<String>,
     /// Gossip round interval of the gateways' WAN pool [env: AGENT_GOSSIP_INTERVAL] [default: 2s]

@@ -69,11 +69,17 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(prepared.config.worker_threads)
-        .enable_all()
-        .build()
-    {
+    // One thread: the current-thread scheduler, which runs every task on the thread that polls
+    // the reactor, with none of the work-stealing scheduler's bookkeeping on each wake-up.
+    let mut builder = match prepared.config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("agent: cannot start the async runtime: {e}");
