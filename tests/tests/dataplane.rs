@@ -58,8 +58,13 @@ fn websocket_echo_through_ingress_across_agents_closed_once_idle() {
         "--idle-timeout",
         "1s",
     ]));
-    let _b =
-        cluster.start(AgentOpts::new("chat-1", "us-west").join(a.gossip).service(&format!("chat={}", ws.addr.port())));
+    // The far agent runs the work-stealing scheduler (the edge the default, current-thread one).
+    let _b = cluster.start(
+        AgentOpts::new("chat-1", "us-west")
+            .join(a.gossip)
+            .service(&format!("chat={}", ws.addr.port()))
+            .args(&["--worker-threads", "2"]),
+    );
     wait_until("the edge sees the chat instance", CONVERGE, || healthy(&a, "chat") == 1);
     let (mut socket, resp) =
         tungstenite::connect(format!("ws://127.0.0.1:{port}/socket")).expect("websocket through ingress");
