@@ -650,6 +650,13 @@ impl Layer {
             duration_in("drain_timeout", self.drain_timeout.as_deref(), "10s", Duration::ZERO, secs(3600))?;
         let idle_timeout =
             duration_in("idle_timeout", self.idle_timeout.as_deref(), "1h", Duration::ZERO, secs(7 * 24 * 3600))?;
+        if !idle_timeout.is_zero() && idle_timeout < secs(1) {
+            return Err(ConfigError::new(
+                "idle_timeout",
+                humantime::format_duration(idle_timeout).to_string(),
+                "0s (never) or a duration from 1s to 7days",
+            ));
+        }
         let idle_timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
         let worker_threads = int_in("worker_threads", self.worker_threads.as_deref(), 1, 1, 256)? as usize;
         let s = self.security.unwrap_or_default();
@@ -1027,6 +1034,7 @@ mod tests {
         assert_eq!(resolve(Some("90s")), Ok(Some(Duration::from_secs(90))));
         assert_eq!(resolve(Some("0s")), Ok(None));
         assert_eq!(resolve(Some("soon")), Err("idle_timeout".to_string()));
+        assert_eq!(resolve(Some("10ms")), Err("idle_timeout".to_string()), "would close every splice at once");
     }
 
     #[test]

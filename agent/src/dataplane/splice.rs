@@ -39,6 +39,9 @@ pub trait End: Unpin {
     fn abort_read(&mut self);
     /// Gives up writing, because the other end failed.
     fn abort_write(&mut self);
+    /// Ends both ways so that the peer sees a failure, not an end of stream: the splice is
+    /// closed with data it could not deliver.
+    fn reset(&mut self);
 }
 
 impl End for TcpStream {
@@ -76,6 +79,11 @@ impl End for TcpStream {
 
     fn abort_write(&mut self) {
         let _ = socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write);
+    }
+
+    fn reset(&mut self) {
+        // Closing with a zero linger sends an RST instead of a FIN.
+        let _ = socket2::SockRef::from(&*self).set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
@@ -153,6 +161,11 @@ impl End for QuicEnd {
 
     fn abort_write(&mut self) {
         let _ = self.send.reset(0u32.into());
+    }
+
+    fn reset(&mut self) {
+        self.abort_write();
+        self.abort_read();
     }
 }
 
@@ -242,7 +255,10 @@ impl Idle {
             if self.quiet > IDLE_CHECKS {
                 return true;
             }
-            let next = self.sleep.deadline() + self.period();
+            // From now, not from the missed deadline: after a stall (the process paused, the
+            // thread busy) a splice that has just carried bytes is not closed for the quarters
+            // it was not looked at.
+            let next = self.sleep.deadline().max(Instant::now()) + self.period();
             self.sleep.as_mut().reset(next);
         }
         false
@@ -305,11 +321,18 @@ impl<A: End, B: End> Future for Splice<A, B> {
             }
             if idle.expired(cx) {
                 idle.limit.closed.inc();
-                // Both ways at both ends: TCP ends see a FIN, QUIC ends a reset and a stop.
-                this.a.abort_write();
-                this.b.abort_write();
-                this.a.abort_read();
-                this.b.abort_read();
+                if this.a_to_b.pending.is_empty() && this.b_to_a.pending.is_empty() {
+                    // Both ways at both ends: TCP ends see a FIN, QUIC ends a reset and a stop.
+                    this.a.abort_write();
+                    this.b.abort_write();
+                    this.a.abort_read();
+                    this.b.abort_read();
+                } else {
+                    // A sink took nothing for the whole limit: what it left is dropped, and
+                    // its peer must not take the close for the end of the stream.
+                    this.a.reset();
+                    this.b.reset();
+                }
                 return Poll::Ready(());
             }
         }
@@ -409,6 +432,28 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(300), "closed after {:?}", start.elapsed());
         tokio::time::timeout(Duration::from_secs(1), splice).await.unwrap().unwrap();
         assert_eq!(limit.closed.get(), 1, "the close is counted");
+    }
+
+    #[tokio::test]
+    async fn an_idle_close_with_undelivered_bytes_resets_instead_of_ending_the_stream() {
+        use std::time::Duration;
+        let (mut client, x) = pair().await;
+        let (y, _server) = pair().await; // never reads
+        let limit = Arc::new(IdleLimit { after: Duration::from_millis(300), closed: Counter::default() });
+        let splice = tokio::spawn(Splice::new(x, y).idle_limit(Some(&limit)));
+        // Fill every buffer between the client and the server, until the client's writes wait.
+        let chunk = vec![7u8; 64 * 1024];
+        while let Ok(written) = tokio::time::timeout(Duration::from_millis(200), client.write_all(&chunk)).await {
+            written.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(5), splice).await.expect("the stuck splice was not closed").unwrap();
+        assert_eq!(limit.closed.get(), 1);
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf).await;
+        assert!(
+            read.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the client must not see a clean end of stream: {read:?}"
+        );
     }
 
     #[test]

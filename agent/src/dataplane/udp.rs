@@ -15,12 +15,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, TokioRuntime, UdpPoller};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::time::Sleep;
 
 /// quinn's tokio runtime with [`Socket`] for the endpoint's socket.
 #[derive(Debug)]
@@ -127,37 +128,60 @@ impl AsyncUdpSocket for Socket {
     }
 }
 
+/// How long a sender waits before trying again when the socket cannot be watched for room
+/// (no descriptor left to duplicate it, say).
+const RETRY_UNWATCHED: Duration = Duration::from_millis(1);
+
 /// Whether the socket takes datagrams: yes, unless a send would have blocked; then it waits
 /// through a duplicate of the socket registered for writing only while it waits (registering
-/// reports the current state, so no wake-up is lost).
+/// reports the current state, so no wake-up is lost). It never fails: quinn ends a
+/// connection's driver on an error here without closing the connection, which would leave a
+/// peer's connection open and dead.
 #[derive(Debug)]
 struct Writable {
     socket: Arc<Socket>,
-    waiting: Option<AsyncFd<std::net::UdpSocket>>,
+    waiting: Option<Wait>,
+}
+
+#[derive(Debug)]
+enum Wait {
+    Room(AsyncFd<std::net::UdpSocket>),
+    Retry(Pin<Box<Sleep>>),
 }
 
 impl UdpPoller for Writable {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.socket.full.load(Ordering::Relaxed) {
+            // Another waiter saw room first: drop this one's registration, or it would wake
+            // the reactor for every datagram sent until the next wait.
+            this.waiting = None;
             return Poll::Ready(Ok(()));
         }
-        if this.waiting.is_none() {
-            let dup = this.socket.io.get_ref().try_clone()?;
-            this.waiting = Some(register(dup, Interest::WRITABLE)?);
+        let socket = &this.socket;
+        let wait = this.waiting.get_or_insert_with(|| {
+            match socket.io.get_ref().try_clone().and_then(|dup| register(dup, Interest::WRITABLE)) {
+                Ok(fd) => Wait::Room(fd),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the QUIC socket for room; trying the send again in 1 ms");
+                    Wait::Retry(Box::pin(tokio::time::sleep(RETRY_UNWATCHED)))
+                }
+            }
+        });
+        match wait {
+            // An error (the reactor going away) also means: try the send again.
+            Wait::Room(fd) => drop(ready!(fd.poll_write_ready(cx))),
+            Wait::Retry(sleep) => ready!(Future::poll(sleep.as_mut(), cx)),
         }
-        let Some(fd) = &this.waiting else { unreachable!("registered above") };
-        let ready = ready!(fd.poll_write_ready(cx)).map(drop);
         this.waiting = None;
         this.socket.full.store(false, Ordering::Relaxed);
-        Poll::Ready(ready)
+        Poll::Ready(Ok(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn socket() -> Arc<Socket> {
         Arc::new(Socket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap())
@@ -196,6 +220,17 @@ mod tests {
             let want: Vec<Vec<u8>> = (0..count).map(|i| vec![round, i as u8]).collect();
             assert_eq!(got, want, "round {round}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_finds_room_seen_by_another_drops_its_registration() {
+        let a = socket();
+        let dup = register(a.io.get_ref().try_clone().unwrap(), Interest::WRITABLE).unwrap();
+        // This waiter registered; another then saw room and cleared `full`.
+        let mut late = Writable { socket: a.clone(), waiting: Some(Wait::Room(dup)) };
+        let ready = std::future::poll_fn(|cx| Pin::new(&mut late).poll_writable(cx));
+        tokio::time::timeout(Duration::from_secs(2), ready).await.unwrap().unwrap();
+        assert!(late.waiting.is_none(), "a left-over registration would wake the reactor per datagram sent");
     }
 
     #[tokio::test]
