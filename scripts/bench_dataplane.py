@@ -331,14 +331,13 @@ backend be_bulk
         row("proxy CPU per request, concurrency 64", "cpu_us", " µs", fmt="{:.1f}")
         row("bulk, one TCP connection (iperf3)", "gbit", " Gbit/s", fmt="{:.2f}")
         row("UDP receive errors during bulk (all rounds)", "udp_errors", "")
+        names = ["grapevine", "haproxy"] + (["baseline"] if bl else [])
         if "rss_per_conn" in g:
             for title, per in (("RSS per idle connection, both proxies", 1), ("RSS per idle connection, per proxy", 2)):
                 vals = [None, g["rss_per_conn"] / per, h["rss_per_conn"] / per] + ([bl["rss_per_conn"] / per] if bl else [])
                 line(title, ["-" if v is None else f"{v:.0f} B" for v in vals], vals)
-            names = ["grapevine", "haproxy"] + (["baseline"] if bl else [])
             print("  (held open: " + ", ".join(f"{n} {results[n]['idle_conns']}" for n in names) + ")")
             print("  (the last idle connection answered a request: " + ", ".join(f"{n} {results[n]['idle_ok']}" for n in names) + ")")
-        names = ["grapevine", "haproxy"] + (["baseline"] if bl else [])
         print("  (bulk per round, Gbit/s: " + "; ".join(n + " " + " ".join(f"{v:.2f}" for v in results[n].get("gbit_all", [])) for n in names) + ")")
         print("  (UDP receive errors per round: " + "; ".join(n + " " + " ".join(str(v) for v in results[n].get("udp_errors_all", [])) for n in names) + ")")
         for name, r in results.items():

@@ -336,24 +336,18 @@ impl Agent {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit.
-    pub fn terminate(&mut self) -> ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                return status;
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = c.kill();
-                panic!("agent {} did not exit within 20 s of SIGTERM", self.id);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+    /// Sends SIGTERM without waiting (the agent drains, then leaves).
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
     }
 
-    /// Waits for an agent that was told to leave (`agent leave`) to exit.
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    /// Waits for an agent that was told to leave (`agent leave`, SIGTERM) to exit.
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let mut c = self.child.take().expect("running");
         let start = Instant::now();

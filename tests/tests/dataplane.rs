@@ -25,6 +25,24 @@ fn check(b: &Backend) -> String {
     format!("check=http://{}/healthz,interval=200ms,timeout=150ms,rise=1,fall=1", b.addr)
 }
 
+/// Sends the first half of a 10-byte echo request through the listener on `port`.
+fn half_a_request(port: u16) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(addr(port)).unwrap();
+    conn.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello").unwrap();
+    conn
+}
+
+/// Sends the rest of the request and reads the whole reply.
+fn the_other_half(mut conn: std::net::TcpStream) -> String {
+    use std::io::{Read, Write};
+    conn.write_all(b"world").unwrap();
+    let mut reply = String::new();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.read_to_string(&mut reply).unwrap();
+    reply
+}
+
 #[test]
 fn http_and_1mb_bodies_cross_regions_through_an_upstream_listener() {
     let cluster = Cluster::new();
@@ -290,19 +308,12 @@ fn sigterm_drains_open_connections_before_leaving() {
     );
     wait_until("one instance", CONVERGE, || healthy(&a, "web") == 1);
     // Open a connection and send half a request; finish it after the SIGTERM.
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr(port)).unwrap();
-    conn.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello").unwrap();
+    let conn = half_a_request(port);
     std::thread::sleep(Duration::from_millis(300));
-    let pid = b.pid();
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    b.sigterm();
     wait_until("the instance drains out of every route", CONVERGE, || healthy(&a, "web") == 0);
-    conn.write_all(b"world").unwrap();
-    let mut reply = String::new();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    conn.read_to_string(&mut reply).unwrap();
+    let reply = the_other_half(conn);
     assert!(reply.ends_with("helloworld"), "the open connection finished: {reply:?}");
-    drop(conn);
     let status = b.wait_exit(Duration::from_secs(20));
     assert!(status.success());
     wait_until("the others see it left", CONVERGE, || a.state_of("server").as_deref() == Some("left"));
@@ -320,20 +331,14 @@ fn a_connection_to_the_instance_on_the_same_host_counts_as_load_and_holds_up_the
         "10s",
     ]));
     wait_until("the instance is healthy", CONVERGE, || healthy(&solo, "web") == 1);
-    use std::io::{Read, Write};
     // Spliced straight to the app on this host, never over QUIC.
-    let mut conn = std::net::TcpStream::connect(addr(port)).unwrap();
-    conn.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\nconnection: close\r\n\r\nhello").unwrap();
+    let conn = half_a_request(port);
     let load = |a: &Agent| a.try_get("/v1/services/web").and_then(|s| s["endpoints"][0]["load"].as_u64()).unwrap_or(0);
     wait_until("the open connection is announced as load", CONVERGE, || load(&solo) == 1);
-    let _ = std::process::Command::new("kill").args(["-TERM", &solo.pid().to_string()]).status();
+    solo.sigterm();
     std::thread::sleep(Duration::from_millis(500));
-    conn.write_all(b"world").unwrap();
-    let mut reply = String::new();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    conn.read_to_string(&mut reply).unwrap();
+    let reply = the_other_half(conn);
     assert!(reply.ends_with("helloworld"), "the drain waited for the local connection: {reply:?}");
-    drop(conn);
     assert!(solo.wait_exit(Duration::from_secs(20)).success());
 }
 
