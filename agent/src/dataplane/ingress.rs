@@ -67,40 +67,31 @@ pub async fn serve(listener: TcpListener, config: Arc<IngressConfig>, dp: Arc<Da
 
 /// Splices an upgraded connection (a WebSocket, say) for the rest of its life. hyper hands
 /// back the sockets it was given, with whatever it had read past the upgrade, so the
-/// connection is spliced as an upstream connection is, holding no buffer while idle (a
-/// WebSocket through the ingress is mostly idle); anything else is copied with buffers.
+/// connection is spliced as an upstream connection is: under the idle limit, holding no
+/// buffer while idle (a WebSocket through the ingress is mostly idle).
 async fn splice_upgraded(
     client: hyper::upgrade::Upgraded,
     backend: hyper::upgrade::Upgraded,
     idle: Option<&Arc<IdleLimit>>,
 ) {
     use super::splice::{QuicEnd, Splice};
-    use tokio::io::AsyncWriteExt;
-    // Both always downcast (the ingress made them from these types); the copies are a fallback.
-    let client = match client.downcast::<TokioIo<TcpStream>>() {
-        Ok(c) => c,
-        Err(client) => {
-            let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(backend));
-            let _ = super::splice(&mut a, &mut b).await;
-            return;
-        }
+    // The ingress made both from exactly these types, so the downcasts cannot fail; if a
+    // change to the ingress ever broke that, the connection is closed and says why rather
+    // than copied without the idle limit.
+    let (Ok(client), Ok(backend)) =
+        (client.downcast::<TokioIo<TcpStream>>(), backend.downcast::<TokioIo<BackendStream>>())
+    else {
+        tracing::error!("an upgraded connection is not of the type the ingress made; closing it");
+        return;
     };
-    let (mut tcp, to_backend) = (client.io.into_inner(), client.read_buf);
-    match backend.downcast::<TokioIo<BackendStream>>() {
-        Ok(b) => match b.io.into_inner() {
-            BackendStream::Tcp(app, _active) => {
-                Splice::with_pending(tcp, app, to_backend, b.read_buf).idle_limit(idle).await
-            }
-            BackendStream::Quic(q) => {
-                let (recv, send) = q.into_inner();
-                Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, b.read_buf).idle_limit(idle).await
-            }
-        },
-        Err(backend) => {
-            let mut backend = TokioIo::new(backend);
-            if backend.write_all(&to_backend).await.is_ok() {
-                let _ = super::splice(&mut tcp, &mut backend).await;
-            }
+    let (tcp, to_backend) = (client.io.into_inner(), client.read_buf);
+    match backend.io.into_inner() {
+        BackendStream::Tcp(app, _active) => {
+            Splice::with_pending(tcp, app, to_backend, backend.read_buf).idle_limit(idle).await
+        }
+        BackendStream::Quic(q) => {
+            let (recv, send) = q.into_inner();
+            Splice::with_pending(tcp, QuicEnd::new(send, recv), to_backend, backend.read_buf).idle_limit(idle).await
         }
     }
 }

@@ -26,7 +26,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -716,17 +716,6 @@ fn force_buffers(socket: &std::net::UdpSocket) {
             );
         }
     }
-}
-
-/// Copies bytes both ways until both sides are done, with half-close.
-pub async fn splice(
-    a: &mut (impl AsyncRead + AsyncWrite + Unpin),
-    b: &mut (impl AsyncRead + AsyncWrite + Unpin),
-) -> std::io::Result<(u64, u64)> {
-    let r = tokio::io::copy_bidirectional(a, b).await;
-    let _ = a.shutdown().await;
-    let _ = b.shutdown().await;
-    r
 }
 
 #[cfg(test)]
