@@ -270,6 +270,20 @@ sleep 0.5
 wait_for "the event arrives" 10 grep -q cache-flush "$WORK/events.txt"
 cat "$WORK/events.txt"
 
+say "rotating the gossip key of the running cluster: install, use, remove, each asked of another region"
+"$AGENT" keygen > "$WORK/new.key"
+OLD_FP=$("$AGENT" keys list --json --admin-addr "$(admin 1)" |
+  python3 -c 'import json, sys; print(next(k["fingerprint"] for k in json.load(sys.stdin)["keys"] if k["here"] == "primary"))')
+"$AGENT" keys install - --admin-addr "$(admin 1)" < "$WORK/new.key" || fail "agent keys install"
+"$AGENT" keys use - --admin-addr "$(admin 3)" < "$WORK/new.key" || fail "agent keys use"
+"$AGENT" keys remove "$OLD_FP" --admin-addr "$(admin 5)" || fail "agent keys remove"
+one_key_everywhere() {
+  "$AGENT" keys list --json --admin-addr "$(admin 6)" |
+    python3 -c 'import json, sys; d = json.load(sys.stdin); sys.exit(not (len(d["keys"]) == 1 and d["keys"][0]["primary"] == d["members"]))'
+}
+wait_for "eu-2 sees every member on the new key alone" 20 one_key_everywhere
+"$AGENT" keys list --admin-addr "$(admin 6)"
+
 say "west-2 leaves (SIGTERM): it drains, and the others see it as 'left', not failed"
 kill -TERM "${AGENT_PID[west-2]}"
 left_seen() { "$AGENT" members --admin-addr "$(admin 5)" | grep -q "west-2 .* left"; }

@@ -44,6 +44,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/services/{name}", get(service).put(register).delete(deregister))
         .route("/v1/route/{service}", get(route))
         .route("/v1/events", get(watch_events).post(fire_event))
+        .route("/v1/keys", get(keys).post(change_keys))
         .route("/v1/leave", post(leave))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -187,6 +188,32 @@ async fn fire_event(State(s): State<AdminState>, body: axum::body::Bytes) -> Res
     }
     let id = s.membership.fire_event(&req.name, &payload).await;
     Json(serde_json::json!({ "id": id })).into_response()
+}
+
+/// `GET /v1/keys`: the gossip keys across the cluster.
+async fn keys(State(s): State<AdminState>) -> Json<api::KeysDoc> {
+    Json(crate::keys::status(&snap(&s), &s.membership.wire.keyring()))
+}
+
+/// `POST /v1/keys`: install, use or remove a key on every member; answers once every member
+/// announces the change or `wait_ms` has passed.
+async fn change_keys(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let req: api::KeyRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"action\": \"install\"|\"use\"|\"remove\", \"key\": ...}}: {e}"),
+            );
+        }
+    };
+    let wait = req.wait_ms.map_or(crate::keys::DEFAULT_WAIT, std::time::Duration::from_millis);
+    let op = match crate::keys::prepare_when_safe(&req, &s.membership.wire.keyring(), s.snapshots.clone(), wait).await {
+        Ok(op) => op,
+        Err(e @ crate::keys::RequestError::Invalid(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
+    };
+    Json(crate::keys::run(&s.membership, s.snapshots.clone(), op, wait).await).into_response()
 }
 
 async fn leave(State(s): State<AdminState>) -> Response {

@@ -162,3 +162,53 @@ impl ServiceDoc {
         })
     }
 }
+
+/// `POST /v1/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRequest {
+    pub action: crate::membership::keyring::KeyAction,
+    /// A base64 key (`agent keygen`), or for `use` and `remove` its fingerprint.
+    pub key: String,
+    /// Skip the guards (see the module docs).
+    #[serde(default)]
+    pub force: bool,
+    /// How long to wait for every member (default 30 s).
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+/// The answer to `POST /v1/keys`: which members announce the change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyOpDoc {
+    pub action: crate::membership::keyring::KeyAction,
+    pub fingerprint: String,
+    /// Members counted: every member not dead and not left.
+    pub members: usize,
+    pub done: Vec<String>,
+    /// Not yet announcing the change (or not heard from: unreachable, or an older agent).
+    pub pending: Vec<String>,
+}
+
+/// `GET /v1/keys`: the keys in use across the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeysDoc {
+    /// Members counted: every member not dead and not left.
+    pub members: usize,
+    /// Every key some member announces: this agent's first, in its order, then the others.
+    pub keys: Vec<KeyCount>,
+    /// Counted members whose keyring is not known: unreachable, or an agent without `agent keys`.
+    pub not_reporting: Vec<String>,
+    /// Members whose keyring changed but whose keyring file could not be written.
+    pub unsaved: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCount {
+    pub fingerprint: String,
+    /// Members holding the key.
+    pub installed: usize,
+    /// Members sealing with it.
+    pub primary: usize,
+    /// On this agent: `primary`, `installed`, or null.
+    pub here: Option<String>,
+}

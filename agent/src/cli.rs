@@ -33,6 +33,9 @@ pub enum Command {
     Leave(ClientArgs),
     /// Print a new cluster key (base64, 32 bytes) for `cluster_key_file`.
     Keygen,
+    /// Rotate the gossip keyring of a running cluster: install, use, remove (as `serf keys`).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// The cluster CA for QUIC mutual TLS.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -44,6 +47,39 @@ pub enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
+}
+
+/// A rotation is three steps, each run once every member has the last (each command waits
+/// for that): `agent keys install NEW`, `agent keys use NEW`, `agent keys remove OLD`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Per key: how many members hold it and how many seal with it.
+    List(ClientArgs),
+    /// Add a key on every member: it opens datagrams at once and seals after `agent keys use`.
+    Install(KeyArgs),
+    /// Make an installed key the one every member seals with.
+    Use(KeyArgs),
+    /// Drop a key from every member (not while any member seals with it).
+    Remove(KeyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// The key, base64 as `agent keygen` prints it, or `-` to read it from standard input; for
+    /// `use` and `remove` its fingerprint (from `agent keys list`) also does.
+    pub key: String,
+    /// Go ahead although a member lacks the key (`use`) or seals with it (`remove`).
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for every member to announce the change.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_wait)]
+    pub wait: std::time::Duration,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (a duration such as 30s)"))
 }
 
 #[derive(Debug, Subcommand)]

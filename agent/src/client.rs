@@ -1,4 +1,4 @@
-//! The client commands (`status`, `members`, `services`, `route`, `event`, `leave`): they ask a
+//! The client commands (`status`, `members`, `services`, `route`, `event`, `keys`, `leave`): they ask a
 //! running agent's admin API and print a table, or the JSON document with `--json`.
 
 use std::fmt::Write as _;
@@ -7,11 +7,12 @@ use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::api::{EndpointDoc, ErrorDoc, FireRequest, ServiceDoc, StatusDoc};
-use crate::cli::ClientArgs;
+use crate::api::{EndpointDoc, ErrorDoc, FireRequest, KeyOpDoc, KeyRequest, KeysDoc, ServiceDoc, StatusDoc};
+use crate::cli::{ClientArgs, KeyArgs};
 use crate::cluster::routing::Route;
 use crate::cluster::snapshot::MemberView;
 use crate::config::{DEFAULT_ADMIN_ADDR, Env};
+use crate::membership::keyring::KeyAction;
 
 /// A failure the user must see: printed as is, exit code 1.
 #[derive(Debug, thiserror::Error)]
@@ -394,6 +395,92 @@ pub async fn watch(name: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyh
     Err(ClientError(format!("the agent at {} closed the event stream", client.addr)).into())
 }
 
+/// `agent keys list`.
+pub async fn keys_list(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let doc: KeysDoc = AdminClient::new(args, env).get("/v1/keys").await?;
+    if args.json {
+        print_json(&doc)
+    } else {
+        print!("{}", render_keys(&doc));
+    }
+    Ok(())
+}
+
+pub fn render_keys(doc: &KeysDoc) -> String {
+    let reporting = doc.members - doc.not_reporting.len();
+    let mut rows = vec![vec!["KEY".into(), "INSTALLED".into(), "PRIMARY".into(), "HERE".into()]];
+    for k in &doc.keys {
+        rows.push(vec![
+            k.fingerprint.clone(),
+            format!("{}/{reporting}", k.installed),
+            format!("{}/{reporting}", k.primary),
+            k.here.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let mut out = table(&rows, "");
+    if !doc.not_reporting.is_empty() {
+        let _ =
+            writeln!(out, "not reporting a keyring (unreachable, or an older agent): {}", doc.not_reporting.join(", "));
+    }
+    if !doc.unsaved.is_empty() {
+        let _ = writeln!(
+            out,
+            "could not write their keyring file (a restart brings back the old keys): {}",
+            doc.unsaved.join(", ")
+        );
+    }
+    out
+}
+
+/// `agent keys install|use|remove`.
+pub async fn keys_change(
+    action: KeyAction,
+    key: &KeyArgs,
+    env: &dyn Env,
+    stdin: &mut dyn std::io::BufRead,
+) -> anyhow::Result<()> {
+    let text = if key.key == "-" {
+        let mut line = String::new();
+        stdin.read_line(&mut line).context("reading the key from standard input")?;
+        line.trim().to_string()
+    } else {
+        key.key.clone()
+    };
+    let req = KeyRequest {
+        action,
+        key: text,
+        force: key.force,
+        wait_ms: Some(u64::try_from(key.wait.as_millis()).unwrap_or(u64::MAX)),
+    };
+    let doc: KeyOpDoc = AdminClient::new(&key.client, env).post("/v1/keys", &req).await?;
+    if key.client.json {
+        print_json(&doc);
+    }
+    let (verb, fp) = (render_action(action), &doc.fingerprint);
+    if doc.pending.is_empty() {
+        if !key.client.json {
+            println!("{verb} key {fp} on {} of {} members", doc.done.len(), doc.members);
+        }
+        return Ok(());
+    }
+    Err(ClientError(format!(
+        "{verb} key {fp} on {} of {} members after {}; not yet on: {} (`agent keys list` shows where things stand)",
+        doc.done.len(),
+        doc.members,
+        humantime::format_duration(key.wait),
+        doc.pending.join(", ")
+    ))
+    .into())
+}
+
+fn render_action(action: KeyAction) -> &'static str {
+    match action {
+        KeyAction::Install => "installed",
+        KeyAction::Use => "now sealing with",
+        KeyAction::Remove => "removed",
+    }
+}
+
 pub async fn leave(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
     let client = AdminClient::new(args, env);
     let _: serde_json::Value = client.post("/v1/leave", &serde_json::json!({})).await?;
@@ -455,6 +542,27 @@ mod tests {
         assert_eq!(rows[1], ["us-east", "east-2", "alive", "healthy", "3", "yes"]);
         assert_eq!(rows[2], ["us-west", "west-1", "alive", "healthy", "3", "yes"]);
         assert_eq!(rows[3], ["us-west", "west-2", "alive", "draining", "3", "no"]);
+    }
+
+    #[test]
+    fn the_keys_table_counts_over_the_members_that_report() {
+        let doc: KeysDoc = serde_json::from_value(serde_json::json!({
+            "members": 3,
+            "keys": [
+                {"fingerprint": "00aa00aa00aa00aa", "installed": 2, "primary": 1, "here": "primary"},
+                {"fingerprint": "11bb11bb11bb11bb", "installed": 2, "primary": 1, "here": null}
+            ],
+            "not_reporting": ["c"],
+            "unsaved": ["b"]
+        }))
+        .unwrap();
+        let text = render_keys(&doc);
+        let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[0], ["KEY", "INSTALLED", "PRIMARY", "HERE"]);
+        assert_eq!(lines[1], ["00aa00aa00aa00aa", "2/2", "1/2", "primary"]);
+        assert_eq!(lines[2], ["11bb11bb11bb11bb", "2/2", "1/2", "-"]);
+        assert!(text.contains("older agent): c\n"), "{text}");
+        assert!(text.contains("old keys): b\n"), "{text}");
     }
 
     #[test]

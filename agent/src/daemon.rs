@@ -220,6 +220,8 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     };
     let events = Arc::new(EventHub::new(metrics.clone(), config.events.max_payload, config.events.ttl, unix_ms()));
     let wire = Wire::new(socket, keyring, &config.cluster, metrics.clone());
+    // Subscribed before membership starts, so no keyring operation heard at once is missed.
+    let keyring_ops = events.subscribe_internal();
     let membership = Arc::new(
         Membership::start(
             MembershipConfig {
@@ -239,7 +241,11 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     );
 
     let services = Arc::new(LocalServices::new(config.services.clone(), config.data_dir.as_deref())?);
-    let mut background = Vec::new();
+    let mut background = vec![tokio::spawn(crate::keys::apply_loop(
+        membership.clone(),
+        config.security.cluster_key_file.clone(),
+        keyring_ops,
+    ))];
     let dataplane = match (data_socket, &credentials) {
         (Some(socket), Some(creds)) => {
             let dp = DataPlane::start(

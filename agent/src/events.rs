@@ -37,10 +37,18 @@ pub struct EventBody {
     pub at: u64,
 }
 
+/// Event names that start with this are the agent's own (`_keyring`, see `keys.rs`): users
+/// cannot fire them and watchers never see them.
+pub const INTERNAL_PREFIX: char = '_';
+/// Largest payload of an internal event (not held to `event_max_payload`, which is for users).
+const INTERNAL_MAX_PAYLOAD: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
     #[error("invalid event name {0:?}: 1 to 63 characters from a-z, A-Z, 0-9, '-', '_' and '.'")]
     BadName(String),
+    #[error("event name {0:?} is reserved: names starting with '_' are the agent's own")]
+    Reserved(String),
     #[error("event payload is {size} bytes; the limit is {limit} (event_max_payload)")]
     TooLarge { size: usize, limit: usize },
 }
@@ -55,6 +63,8 @@ const SEEN_CAP: usize = 50_000;
 #[derive(Debug)]
 pub struct EventHub {
     tx: broadcast::Sender<Event>,
+    /// The agent's own events, for the parts of the agent that act on them.
+    internal: broadcast::Sender<Event>,
     seen: Mutex<Seen>,
     metrics: Arc<Metrics>,
     max_payload: usize,
@@ -71,20 +81,30 @@ struct Seen {
 impl EventHub {
     pub fn new(metrics: Arc<Metrics>, max_payload: usize, ttl: Duration, started_at_ms: u64) -> EventHub {
         let (tx, _) = broadcast::channel(1024);
-        EventHub { tx, seen: Mutex::new(Seen::default()), metrics, max_payload, ttl, started_at_ms }
+        let (internal, _) = broadcast::channel(64);
+        EventHub { tx, internal, seen: Mutex::new(Seen::default()), metrics, max_payload, ttl, started_at_ms }
     }
 
-    /// Checks an event about to be fired here.
+    /// Checks an event a user is about to fire here.
     pub fn validate(&self, name: &str, payload: &str) -> Result<(), EventError> {
         check_name("event", name).map_err(|_| EventError::BadName(name.to_string()))?;
+        if name.starts_with(INTERNAL_PREFIX) {
+            return Err(EventError::Reserved(name.to_string()));
+        }
         if payload.len() > self.max_payload {
             return Err(EventError::TooLarge { size: payload.len(), limit: self.max_payload });
         }
         Ok(())
     }
 
+    /// Users' events, as they arrive.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// The agent's own events (names starting with [`INTERNAL_PREFIX`]), as they arrive.
+    pub fn subscribe_internal(&self) -> broadcast::Receiver<Event> {
+        self.internal.subscribe()
     }
 
     /// Takes an event key seen in gossip (`id` is the key without its prefix).
@@ -93,7 +113,13 @@ impl EventHub {
             self.metrics.event("rejected");
             return;
         };
-        if self.validate(&body.name, &body.payload).is_err() {
+        let internal = body.name.starts_with(INTERNAL_PREFIX);
+        let valid = if internal {
+            check_name("event", &body.name).is_ok() && body.payload.len() <= INTERNAL_MAX_PAYLOAD
+        } else {
+            self.validate(&body.name, &body.payload).is_ok()
+        };
+        if !valid {
             self.metrics.event("rejected");
             return;
         }
@@ -121,7 +147,7 @@ impl EventHub {
             seen.ids.insert(id.to_string(), now);
             seen.order.push_back((now, id.to_string()));
         }
-        self.metrics.event("received");
+        self.metrics.event(if internal { "internal" } else { "received" });
         let event = Event {
             id: id.to_string(),
             name: body.name,
@@ -129,7 +155,9 @@ impl EventHub {
             origin: origin.to_string(),
             fired_at_ms: body.at,
         };
-        if self.tx.send(event).is_ok() {
+        if internal {
+            let _ = self.internal.send(event);
+        } else if self.tx.send(event).is_ok() {
             self.metrics.event("delivered");
         }
     }
@@ -170,5 +198,21 @@ mod tests {
         hub.accept("d", &body("old", "", 1_000), "n1");
         assert!(rx.try_recv().is_err());
         assert_eq!(hub.validate("ok", &"p".repeat(17)), Err(EventError::TooLarge { size: 17, limit: 16 }));
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_events_reach_only_the_agent() {
+        let hub = hub();
+        let (mut users, mut agent) = (hub.subscribe(), hub.subscribe_internal());
+        assert_eq!(hub.validate("_keyring", ""), Err(EventError::Reserved("_keyring".into())));
+        // Over `event_max_payload` (16 here) but within the internal limit.
+        let payload = "k".repeat(100);
+        hub.accept("n1.1.1", &body("_keyring", &payload, 1_000_000), "n1");
+        hub.accept("n1.1.1", &body("_keyring", &payload, 1_000_000), "n1");
+        hub.accept("n1.1.2", &body("deploy", "", 1_000_000), "n1");
+        assert_eq!(agent.recv().await.unwrap().payload, payload);
+        assert!(agent.try_recv().is_err(), "delivered once");
+        assert_eq!(users.recv().await.unwrap().name, "deploy");
+        assert!(users.try_recv().is_err(), "watchers never see the agent's own events");
     }
 }

@@ -13,6 +13,7 @@
 //!   ingress, and the cluster PKI.
 //! - `services.rs`, `health.rs`: the services this agent fronts and their checks.
 //! - `events.rs`: cluster events (dedup and fan-out to watchers).
+//! - `keys.rs`: `agent keys`, rotating the gossip keyring of a running cluster.
 //! - `dns.rs`: DNS on `dns_addr`: service, upstream and node names answered from the snapshot.
 //! - `admin.rs`, `api.rs`: the admin HTTP API and its JSON documents.
 //! - `client.rs`: the client commands and their tables.
@@ -29,6 +30,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod events;
 pub mod health;
+pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod services;

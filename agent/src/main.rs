@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use grapevine_agent::cli::{CaCommand, CertCommand, Cli, Command, EventCommand, Shell};
+use grapevine_agent::cli::{CaCommand, CertCommand, Cli, Command, EventCommand, KeysCommand, Shell};
 use grapevine_agent::config::{self, LogFormat, ProcessEnv};
+use grapevine_agent::membership::keyring::KeyAction;
 use grapevine_agent::{client, daemon};
 
 fn main() -> ExitCode {
@@ -141,6 +142,16 @@ fn client_command(command: Command) -> ExitCode {
             }
             Command::Event(EventCommand::Watch { name, client: a }) => client::watch(name.as_deref(), a, &env).await,
             Command::Leave(a) => client::leave(a, &env).await,
+            Command::Keys(KeysCommand::List(a)) => client::keys_list(a, &env).await,
+            Command::Keys(KeysCommand::Install(k)) => {
+                client::keys_change(KeyAction::Install, k, &env, &mut std::io::stdin().lock()).await
+            }
+            Command::Keys(KeysCommand::Use(k)) => {
+                client::keys_change(KeyAction::Use, k, &env, &mut std::io::stdin().lock()).await
+            }
+            Command::Keys(KeysCommand::Remove(k)) => {
+                client::keys_change(KeyAction::Remove, k, &env, &mut std::io::stdin().lock()).await
+            }
             Command::Run(_) | Command::Keygen | Command::Completions { .. } | Command::Ca(_) | Command::Cert(_) => {
                 Ok(())
             }

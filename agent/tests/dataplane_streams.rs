@@ -25,6 +25,7 @@ fn member(id: &str, data_addr: SocketAddr) -> MemberRecord {
         liveness: Liveness::Alive,
         lifecycle: Lifecycle::Active,
         services: vec![],
+        keyring: Default::default(),
     }
 }
 

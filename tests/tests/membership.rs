@@ -327,3 +327,105 @@ fn client_commands_say_where_they_looked() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
 }
+
+/// The non-comment lines of a keyring file.
+fn keys_in(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn agent_keys_rotates_a_running_cluster_across_regions() {
+    let cluster = Cluster::new();
+    let old_key = keys_in(&cluster.key_file).remove(0);
+    // Each agent owns its keyring file, as each host does.
+    let start = |id: &str, region: &str, seed: Option<std::net::SocketAddr>, key: &str| {
+        let file = cluster.dir.path().join(format!("{id}.key"));
+        std::fs::write(&file, format!("{key}\n")).unwrap();
+        let mut opts = AgentOpts::new(id, region);
+        opts.key_file = Some(file.clone());
+        if let Some(s) = seed {
+            opts = opts.join(s);
+        }
+        (cluster.start(opts), file)
+    };
+    let (e1, e1_file) = start("e1", "us-east", None, &old_key);
+    let seed = Some(e1.gossip);
+    let (e2, e2_file) = start("e2", "us-east", seed, &old_key);
+    let (w1, w1_file) = start("w1", "us-west", seed, &old_key);
+    let agents = [e1, e2, w1];
+    wait_until("three alive everywhere", CONVERGE, || all_alive(&agents, 3));
+    let keys = |a: &grapevine_tests::Agent, args: &[&str]| {
+        let admin = a.admin.to_string();
+        let mut argv = vec!["keys"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--admin-addr", &admin]);
+        let out = cluster.agent_cmd(&argv);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let new_key = String::from_utf8(cluster.agent_cmd(&["keygen"]).stdout).unwrap().trim().to_string();
+
+    // A key cannot seal before it is installed, nor the primary be removed.
+    let (code, text) = keys(&agents[0], &["use", &new_key]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not installed on this agent"), "{text}");
+    let (code, text) = keys(&agents[0], &["remove", &old_key]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("is primary on"), "{text}");
+
+    // Asked in one region, the install reaches the other.
+    let (code, text) = keys(&agents[2], &["install", &new_key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("on 3 of 3 members"), "{text}");
+    // Run back to back from any agent, as an operator would: each waits for the last to be seen.
+    let (code, text) = keys(&agents[1], &["use", &new_key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("now sealing with key") && text.contains("on 3 of 3 members"), "{text}");
+    let list = agents[0].get("/v1/keys");
+    let old_fp = list["keys"].as_array().unwrap().iter().find(|k| k["here"] == "installed").unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, text) = keys(&agents[0], &["remove", &old_fp]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("removed key {old_fp} on 3 of 3 members")), "{text}");
+
+    // Every keyring file now holds the new key alone, so restarts keep the rotation.
+    for f in [&e1_file, &e2_file, &w1_file] {
+        wait_until("the keyring file is rewritten", CONVERGE, || keys_in(f) == [new_key.clone()]);
+    }
+    wait_until("w1 sees one key left on every member", CONVERGE, || {
+        agents[2].get("/v1/keys")["keys"].as_array().is_some_and(|k| k.len() == 1 && k[0]["primary"] == 3)
+    });
+    let (code, text) = keys(&agents[2], &["list"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[1..], ["3/3", "3/3", "primary"], "{text}");
+
+    // A newcomer with only the new key joins; one with only the old key is refused.
+    let (late, _) = start("late", "us-west", seed, &new_key);
+    let mut all: Vec<&grapevine_tests::Agent> = agents.iter().collect();
+    all.push(&late);
+    wait_until("four alive everywhere", CONVERGE, || {
+        all.iter().all(|a| {
+            let s = a.states();
+            s.len() == 4 && s.values().all(|v| v == "alive")
+        })
+    });
+    let before = agents[0].metric("grapevine_gossip_dropped_total", "unauthenticated");
+    let (stale, _) = start("stale", "us-east", seed, &old_key);
+    wait_until("e1 drops the old key's datagrams", CONVERGE, || {
+        agents[0].metric("grapevine_gossip_dropped_total", "unauthenticated") >= before + 3.0
+    });
+    assert_eq!(agents[0].state_of("stale"), None);
+    assert_eq!(stale.states().len(), 1, "the agent with the old key sees only itself");
+    // The operations were the agent's own events: counted, never shown as users' events.
+    assert!(agents[2].metric("grapevine_events_total", "internal") >= 3.0);
+    assert_eq!(agents[2].metric("grapevine_events_total", "received"), 0.0);
+}

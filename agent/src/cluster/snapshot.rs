@@ -75,6 +75,23 @@ pub struct ServiceRecord {
     pub draining: bool,
 }
 
+/// A member's gossip keyring as it announces it (`agent keys`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyringView {
+    /// Key fingerprints, primary first; empty from an agent that does not announce them.
+    pub keys: Vec<String>,
+    /// Its keyring changed but its keyring file could not be written (a read-only mount, say):
+    /// it would restart with the keys in that file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsaved: bool,
+}
+
+impl KeyringView {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.unsaved
+    }
+}
+
 /// One member as the membership layer knows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberRecord {
@@ -88,6 +105,7 @@ pub struct MemberRecord {
     pub liveness: Liveness,
     pub lifecycle: Lifecycle,
     pub services: Vec<ServiceRecord>,
+    pub keyring: KeyringView,
 }
 
 /// A member in the snapshot.
@@ -105,6 +123,8 @@ pub struct MemberView {
     pub services: Vec<InstanceView>,
     /// Smoothed round-trip time from this agent, in milliseconds; null when not measured.
     pub rtt_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "KeyringView::is_empty")]
+    pub keyring: KeyringView,
 }
 
 /// A service instance on a member.
@@ -235,6 +255,7 @@ impl Snapshot {
                     version: r.version,
                     draining: r.lifecycle == Lifecycle::Draining,
                     services,
+                    keyring: r.keyring,
                 }
             })
             .collect();
@@ -349,6 +370,7 @@ pub(crate) mod tests {
                     draining: false,
                 })
                 .collect(),
+            keyring: KeyringView::default(),
         }
     }
 

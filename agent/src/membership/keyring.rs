@@ -2,6 +2,10 @@
 //! any key in the ring may open one, so keys rotate without downtime (install the new key
 //! everywhere, make it primary, remove the old one).
 //!
+//! `agent keys` rotates a running cluster's keyring ([`KeyAction`], applied by every member
+//! as it hears of it; see `keys.rs`). Keys are named by fingerprints: the first 8 bytes of
+//! SHA-256 over a label and the key, in hex, which say nothing about the key.
+//!
 //! Envelope: `0xA2 | nonce (12) | ciphertext | tag (16)`, 29 bytes on top of the plaintext
 //! (memberlist, under Serf, adds the same 29 with AES-GCM). The cluster name is the AEAD's
 //! associated data, so a datagram from another cluster never opens even under the same key.
@@ -114,6 +118,69 @@ impl Keyring {
         self.keys.iter().map(|(k, _)| B64.encode(k)).collect()
     }
 
+    /// The fingerprint of every key, primary first.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.keys.iter().map(|(k, _)| fingerprint(k)).collect()
+    }
+
+    /// The key with this fingerprint, if the ring holds it.
+    pub fn find(&self, fingerprint_hex: &str) -> Option<[u8; 32]> {
+        self.keys.iter().map(|(k, _)| *k).find(|k| fingerprint(k) == fingerprint_hex)
+    }
+
+    /// The ring after `action` on `key`; `Ok(None)` if it is that way already. The nonce
+    /// sequence carries on, so a key that stays primary never sees a nonce twice.
+    pub fn apply(&self, action: KeyAction, key: &[u8; 32]) -> Result<Option<Keyring>, KeyActionError> {
+        let at = self.keys.iter().position(|(k, _)| k == key);
+        let mut keys: Vec<[u8; 32]> = self.keys.iter().map(|(k, _)| *k).collect();
+        match (action, at) {
+            (KeyAction::Install, Some(_)) | (KeyAction::Use, Some(0)) | (KeyAction::Remove, None) => return Ok(None),
+            (KeyAction::Install, None) => keys.push(*key),
+            (KeyAction::Use, None) => return Err(KeyActionError::NotInstalled),
+            (KeyAction::Use, Some(i)) => {
+                let k = keys.remove(i);
+                keys.insert(0, k);
+            }
+            (KeyAction::Remove, Some(0)) => return Err(KeyActionError::Primary),
+            (KeyAction::Remove, Some(i)) => {
+                keys.remove(i);
+            }
+        }
+        Ok(Some(Keyring {
+            keys: keys.into_iter().map(|k| (k, ChaCha20Poly1305::new(&k.into()))).collect(),
+            salt: self.salt,
+            counter: self.counter.clone(),
+        }))
+    }
+
+    /// Writes the ring to `path` the way [`Keyring::from_file`] reads it, replacing the file
+    /// at once (a temporary file beside it, renamed over it) and keeping its permissions.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        // Through a symlink (a mounted secret, say) to the file it names.
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
+        let mut text = String::from("# The gossip keyring, written by `agent keys`: the first key seals.\n");
+        for k in self.encoded() {
+            text.push_str(&k);
+            text.push('\n');
+        }
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            if let Ok(meta) = std::fs::metadata(&path) {
+                f.set_permissions(meta.permissions())?;
+            }
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+
     /// Appends the sealed form of `plaintext` to `out`.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let (_, cipher) = &self.keys[0];
@@ -160,8 +227,47 @@ pub fn generate_encoded() -> String {
     B64.encode(generate_key())
 }
 
-fn decode_key(text: &str) -> Option<[u8; 32]> {
-    B64.decode(text).ok()?.try_into().ok()
+/// A base64-encoded 32-byte key, as `agent keygen` prints it.
+pub fn decode_key(text: &str) -> Option<[u8; 32]> {
+    B64.decode(text.trim()).ok()?.try_into().ok()
+}
+
+/// A key's name in `agent keys` and gossip: 16 hex digits of SHA-256 over a label and the key.
+pub fn fingerprint(key: &[u8; 32]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"grapevine keyring fingerprint\0");
+    ctx.update(key);
+    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A change to every member's keyring (`agent keys install|use|remove`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAction {
+    /// Add a key that opens datagrams (it does not seal yet).
+    Install,
+    /// Make an installed key the one that seals.
+    Use,
+    /// Drop a key that is not primary.
+    Remove,
+}
+
+impl KeyAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAction::Install => "install",
+            KeyAction::Use => "use",
+            KeyAction::Remove => "remove",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyActionError {
+    #[error("the key is not installed; install it first (`agent keys install KEY`)")]
+    NotInstalled,
+    #[error("the key is primary; make another key primary first (`agent keys use KEY`)")]
+    Primary,
 }
 
 #[cfg(test)]
@@ -207,6 +313,64 @@ mod tests {
         let mut sealed = Vec::new();
         Keyring::from_keys(ring.keys.iter().map(|(k, _)| *k).collect()).seal(b"c", b"x", &mut sealed);
         assert!(!seen.contains(&sealed[1..1 + NONCE_LEN]));
+    }
+
+    #[test]
+    fn install_use_remove_rotate_a_ring_and_repeat_harmlessly() {
+        let (old, new) = (generate_key(), generate_key());
+        let ring = Keyring::from_keys(vec![old]);
+        let installed = ring.apply(KeyAction::Install, &new).unwrap().unwrap();
+        assert_eq!(installed.fingerprints(), [fingerprint(&old), fingerprint(&new)]);
+        assert!(installed.apply(KeyAction::Install, &new).unwrap().is_none());
+        assert_eq!(ring.apply(KeyAction::Use, &new).unwrap_err(), KeyActionError::NotInstalled);
+        let used = installed.apply(KeyAction::Use, &new).unwrap().unwrap();
+        assert_eq!(used.fingerprints(), [fingerprint(&new), fingerprint(&old)]);
+        assert!(used.apply(KeyAction::Use, &new).unwrap().is_none());
+        assert_eq!(used.apply(KeyAction::Remove, &new).unwrap_err(), KeyActionError::Primary);
+        let removed = used.apply(KeyAction::Remove, &old).unwrap().unwrap();
+        assert_eq!(removed.fingerprints(), [fingerprint(&new)]);
+        assert!(removed.apply(KeyAction::Remove, &old).unwrap().is_none());
+        assert_eq!(removed.find(&fingerprint(&new)), Some(new));
+        assert_eq!(removed.find(&fingerprint(&old)), None);
+        // Datagrams sealed before and after the rotation open with the rotated ring's keys.
+        let mut sealed = Vec::new();
+        ring.seal(b"c", b"before", &mut sealed);
+        assert_eq!(used.open(b"c", &sealed).unwrap(), b"before");
+        // The nonce sequence carries on through a rotation.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        removed.seal(b"c", b"x", &mut a);
+        used.seal(b"c", b"x", &mut b);
+        assert_ne!(a[1..1 + NONCE_LEN], b[1..1 + NONCE_LEN]);
+    }
+
+    #[test]
+    fn a_fingerprint_is_stable_and_names_one_key() {
+        let key = [7u8; 32];
+        assert_eq!(fingerprint(&key), fingerprint(&key));
+        assert_eq!(fingerprint(&key).len(), 16);
+        assert_ne!(fingerprint(&key), fingerprint(&[8u8; 32]));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_saved_ring_reads_back_and_keeps_the_file_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.key");
+        std::fs::write(&path, format!("{}\n", generate_encoded())).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ring = Keyring::from_file(&path).unwrap().apply(KeyAction::Install, &generate_key()).unwrap().unwrap();
+        ring.save(&path).unwrap();
+        assert_eq!(Keyring::from_file(&path).unwrap().encoded(), ring.encoded());
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+        // A link is followed: the file it names is replaced, the link stays.
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let two = ring.apply(KeyAction::Install, &generate_key()).unwrap().unwrap();
+        two.save(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(Keyring::from_file(&path).unwrap().encoded(), two.encoded());
     }
 
     #[test]

@@ -44,7 +44,8 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::cluster::snapshot::{
-    Lifecycle, Liveness, LocalNode, MemberRecord, MemberState, MemberView, RegionInfo, ServiceRecord, Snapshot,
+    KeyringView, Lifecycle, Liveness, LocalNode, MemberRecord, MemberState, MemberView, RegionInfo, ServiceRecord,
+    Snapshot,
 };
 use crate::config::GossipSettings;
 use crate::events::{EventBody, EventHub};
@@ -58,6 +59,8 @@ const KEY_GOSSIP_ADDR: &str = "gossip_addr";
 const KEY_DATA_ADDR: &str = "data_addr";
 const KEY_VERSION: &str = "version";
 const KEY_STATUS: &str = "status";
+/// The node's gossip keyring: JSON [`KeyringView`], fingerprints only.
+const KEY_KEYRING: &str = "keyring";
 const SERVICE_PREFIX: &str = "svc:";
 const EVENT_PREFIX: &str = "ev:";
 /// On a gateway's region state: one member of another region (JSON [`MemberView`]).
@@ -194,6 +197,7 @@ impl Membership {
             (KEY_GOSSIP_ADDR.to_string(), config.gossip_advertise.to_string()),
             (KEY_VERSION.to_string(), local.version.clone()),
             (KEY_STATUS.to_string(), "active".to_string()),
+            (KEY_KEYRING.to_string(), keyring_value(&wire.keyring().fingerprints(), false)),
         ];
         if let Some(d) = config.data_advertise {
             initial.push((KEY_DATA_ADDR.to_string(), d.to_string()));
@@ -331,6 +335,19 @@ impl Membership {
         id
     }
 
+    /// Fires one of the agent's own events (a name starting with `_`; see [`EventHub`]).
+    pub async fn fire_internal(&self, name: &str, payload: &str) -> String {
+        debug_assert!(name.starts_with(crate::events::INTERNAL_PREFIX));
+        self.fire_event(name, payload).await
+    }
+
+    /// Announces this agent's keyring (after `agent keys` changed it): fingerprints, and
+    /// whether the change could not be written to the keyring file.
+    pub async fn announce_keyring(&self, fingerprints: &[String], unsaved: bool) {
+        self.shared.region.lock().await.self_node_state().set(KEY_KEYRING, keyring_value(fingerprints, unsaved));
+        self.shared.changed();
+    }
+
     /// Announces that this agent takes no new work.
     pub async fn set_draining(&self) {
         self.shared.region.lock().await.self_node_state().set(KEY_STATUS, "draining");
@@ -380,6 +397,10 @@ impl Membership {
     }
 }
 
+fn keyring_value(fingerprints: &[String], unsaved: bool) -> String {
+    serde_json::to_string(&KeyringView { keys: fingerprints.to_vec(), unsaved }).unwrap_or_default()
+}
+
 /// The node an event id was fired on (`node.generation.seq`).
 fn origin_of(id: &str) -> &str {
     let id = id.strip_prefix(EVENT_PREFIX).unwrap_or(id);
@@ -417,6 +438,7 @@ fn record(id: &ChitchatId, state: &NodeState, liveness: Liveness) -> Option<Memb
         liveness,
         lifecycle,
         services,
+        keyring: state.get(KEY_KEYRING).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default(),
     })
 }
 
@@ -453,6 +475,7 @@ fn remote_record(view: MemberView, reachable: bool) -> MemberRecord {
                 draining: i.draining,
             })
             .collect(),
+        keyring: view.keyring,
     }
 }
 
@@ -990,6 +1013,7 @@ mod tests {
             liveness,
             lifecycle,
             services: Vec::new(),
+            keyring: KeyringView::default(),
         }
     }
 
@@ -1043,6 +1067,7 @@ mod tests {
             draining: false,
             services: Vec::new(),
             rtt_ms: None,
+            keyring: KeyringView::default(),
         };
         assert_eq!(remote_record(view(MemberState::Alive), true).liveness, Liveness::Alive);
         assert_eq!(remote_record(view(MemberState::Alive), false).liveness, Liveness::Unreachable);

@@ -203,6 +203,16 @@ impl Wire {
         self.socket.local_addr()
     }
 
+    /// The keyring in use.
+    pub fn keyring(&self) -> Keyring {
+        self.keyring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Seals and opens with `ring` from the next datagram on (`agent keys`).
+    pub fn set_keyring(&self, ring: Keyring) {
+        *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = ring;
+    }
+
     fn seal(&self, kind: u8, body: &[u8]) -> Vec<u8> {
         let mut plain = Vec::with_capacity(1 + body.len());
         plain.push(kind);

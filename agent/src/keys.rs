@@ -1,0 +1,462 @@
+//! `agent keys`: rotating a running cluster's gossip keyring without downtime, as `serf keys`
+//! does: install the new key everywhere, make it primary, remove the old one.
+//!
+//! An operation travels as the agent's own event `_keyring` (sealed under the keys already in
+//! use, relayed between regions by the gateways, never shown to event watchers). Every member
+//! applies it as it hears it, rewrites its keyring file (`cluster_key_file`) so that a restart
+//! keeps the change, and announces its keyring in gossip as fingerprints, primary first (the
+//! member's `keyring` in `/v1/members`). The agent that was asked waits until every member it
+//! knows announces the change, then says who has not.
+//!
+//! Two guards keep a rotation from cutting members off: `use` refuses while any member does
+//! not announce the key installed (it could not open what the others then seal), and `remove`
+//! refuses while the key is primary anywhere. `force` skips both. Since another region's view
+//! lags by a few gossip rounds, a request first waits up to [`GUARD_WAIT`] for its guard to
+//! clear. Operations are idempotent;
+//! run them one at a time, each after the last has reached every member (the command waits
+//! for that), since two in flight may reach members in either order.
+//!
+//! A member that was down during an operation missed it (events are best-effort): it still
+//! opens the others' datagrams while its keys are installed, and `agent keys list` shows what
+//! it lacks. Rotation protects against a key that may leak, not one that has: the new key
+//! travels sealed under the old. After a leak, write a new keyring file to every host and
+//! restart the agents.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::api::{KeyCount, KeyOpDoc, KeyRequest, KeysDoc};
+use crate::cluster::snapshot::{MemberState, MemberView, Snapshot};
+use crate::events::Event;
+use crate::membership::Membership;
+use crate::membership::keyring::{self, KeyAction, Keyring};
+
+/// The agent's own event that carries a keyring operation.
+pub const KEYRING_EVENT: &str = "_keyring";
+/// How long a request waits for every member by default.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// The payload of a `_keyring` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyOp {
+    pub action: KeyAction,
+    pub fingerprint: String,
+    /// The key itself (base64), for `install` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Members an operation must reach.
+fn counted(m: &MemberView) -> bool {
+    !matches!(m.state, MemberState::Dead | MemberState::Left)
+}
+
+/// A counted member whose announced keyring can be believed now.
+fn reporting(m: &MemberView) -> bool {
+    m.state != MemberState::Unreachable && !m.keyring.keys.is_empty()
+}
+
+pub fn status(snap: &Snapshot, local: &Keyring) -> KeysDoc {
+    let members: Vec<&MemberView> = snap.members.iter().filter(|m| counted(m)).collect();
+    let mut keys: Vec<KeyCount> = local
+        .fingerprints()
+        .into_iter()
+        .enumerate()
+        .map(|(i, fingerprint)| KeyCount {
+            fingerprint,
+            installed: 0,
+            primary: 0,
+            here: Some(if i == 0 { "primary" } else { "installed" }.into()),
+        })
+        .collect();
+    for m in members.iter().filter(|m| reporting(m)) {
+        for (i, fp) in m.keyring.keys.iter().enumerate() {
+            let at = match keys.iter().position(|k| &k.fingerprint == fp) {
+                Some(at) => at,
+                None => {
+                    keys.push(KeyCount { fingerprint: fp.clone(), installed: 0, primary: 0, here: None });
+                    keys.len() - 1
+                }
+            };
+            keys[at].installed += 1;
+            keys[at].primary += usize::from(i == 0);
+        }
+    }
+    KeysDoc {
+        members: members.len(),
+        keys,
+        not_reporting: members.iter().filter(|m| !reporting(m)).map(|m| m.id.clone()).collect(),
+        unsaved: members.iter().filter(|m| m.keyring.unsaved).map(|m| m.id.clone()).collect(),
+    }
+}
+
+/// Whether `m` announces the result of `action` on the key `fp`.
+fn has_applied(m: &MemberView, action: KeyAction, fp: &str) -> bool {
+    if !reporting(m) {
+        return false;
+    }
+    let keys = &m.keyring.keys;
+    match action {
+        KeyAction::Install => keys.iter().any(|k| k == fp),
+        KeyAction::Use => keys.first().is_some_and(|k| k == fp),
+        KeyAction::Remove => !keys.iter().any(|k| k == fp),
+    }
+}
+
+fn progress(snap: &Snapshot, action: KeyAction, fp: &str) -> (Vec<String>, Vec<String>) {
+    let (done, pending): (Vec<&MemberView>, Vec<&MemberView>) =
+        snap.members.iter().filter(|m| counted(m)).partition(|m| has_applied(m, action, fp));
+    (done.into_iter().map(|m| m.id.clone()).collect(), pending.into_iter().map(|m| m.id.clone()).collect())
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not a key, or not one this agent holds (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// This agent's own keyring forbids it; no wait changes that (409).
+    #[error("{0}")]
+    Refused(String),
+    /// A guard, on what other members announce: may clear as views catch up (409).
+    #[error("{0}")]
+    Unsafe(String),
+}
+
+/// Checks a request against this agent's keyring and the cluster, and turns it into the
+/// operation every member applies.
+pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<KeyOp, RequestError> {
+    let text = req.key.trim();
+    let (fingerprint, key) = match keyring::decode_key(text) {
+        Some(k) => (keyring::fingerprint(&k), Some(text.to_string())),
+        None if text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()) => (text.to_ascii_lowercase(), None),
+        None => {
+            return Err(RequestError::Invalid(format!(
+                "{text:?} is neither a key (base64 of 32 bytes, as `agent keygen` prints) nor a key fingerprint (16 hex digits)"
+            )));
+        }
+    };
+    let op = |key| KeyOp { action: req.action, fingerprint: fingerprint.clone(), key };
+    let list = |ids: Vec<String>| ids.join(", ");
+    match req.action {
+        KeyAction::Install => {
+            if key.is_none() {
+                return Err(RequestError::Invalid(
+                    "install needs the key itself (base64, as `agent keygen` prints), not its fingerprint".into(),
+                ));
+            }
+            Ok(op(key))
+        }
+        KeyAction::Use => {
+            if local.find(&fingerprint).is_none() {
+                return Err(RequestError::Invalid(format!(
+                    "key {fingerprint} is not installed on this agent; install it first (`agent keys install KEY`)"
+                )));
+            }
+            let lacking: Vec<String> = snap
+                .members
+                .iter()
+                .filter(|m| counted(m) && !has_applied(m, KeyAction::Install, &fingerprint))
+                .map(|m| m.id.clone())
+                .collect();
+            if !req.force && !lacking.is_empty() {
+                return Err(RequestError::Unsafe(format!(
+                    "key {fingerprint} is not known to be installed on {}; they could not open what it seals \
+                     (`agent keys list` shows who lacks it; --force to use it anyway)",
+                    list(lacking)
+                )));
+            }
+            Ok(op(None))
+        }
+        KeyAction::Remove => {
+            let sealing: Vec<String> = snap
+                .members
+                .iter()
+                .filter(|m| counted(m) && m.keyring.keys.first() == Some(&fingerprint))
+                .map(|m| m.id.clone())
+                .collect();
+            if local.fingerprints().first() == Some(&fingerprint) {
+                return Err(RequestError::Refused(format!(
+                    "key {fingerprint} is primary on this agent; make another key primary first (`agent keys use KEY`)"
+                )));
+            }
+            if !req.force && !sealing.is_empty() {
+                return Err(RequestError::Unsafe(format!(
+                    "key {fingerprint} is primary on {}; make another key primary first (`agent keys use KEY`), \
+                     or --force to remove it where it is not",
+                    list(sealing)
+                )));
+            }
+            Ok(op(None))
+        }
+    }
+}
+
+/// Longest a request waits for a guard to clear: the views of other regions lag by a few
+/// gossip rounds, so `use` right after `install` (from any agent) waits for them rather than
+/// refusing; a member that really lacks the key is named within this long.
+pub const GUARD_WAIT: Duration = Duration::from_secs(10);
+
+/// [`prepare`], retried as the snapshot changes until it passes or up to `wait` (at most
+/// [`GUARD_WAIT`]) while only a guard stands in the way.
+pub async fn prepare_when_safe(
+    req: &KeyRequest,
+    local: &Keyring,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    wait: Duration,
+) -> Result<KeyOp, RequestError> {
+    let deadline = tokio::time::Instant::now() + wait.min(GUARD_WAIT);
+    loop {
+        let result = prepare(req, local, &snapshots.borrow_and_update());
+        match result {
+            Err(RequestError::Unsafe(_)) if tokio::time::Instant::now() < deadline => {
+                let _ = tokio::time::timeout_at(deadline, snapshots.changed()).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Fires `op` to every member (this one included) and waits up to `wait` until every member
+/// counted announces it.
+pub async fn run(
+    membership: &Membership,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    op: KeyOp,
+    wait: Duration,
+) -> KeyOpDoc {
+    let payload = serde_json::to_string(&op).unwrap_or_default();
+    membership.fire_internal(KEYRING_EVENT, &payload).await;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let (done, pending) = progress(&snapshots.borrow_and_update(), op.action, &op.fingerprint);
+        if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+            return KeyOpDoc {
+                action: op.action,
+                fingerprint: op.fingerprint,
+                members: done.len() + pending.len(),
+                done,
+                pending,
+            };
+        }
+        let _ = tokio::time::timeout_at(deadline, snapshots.changed()).await;
+    }
+}
+
+/// What a member does with an operation it hears of: the new ring, `None` if it has nothing
+/// to change.
+pub fn apply(ring: &Keyring, op: &KeyOp) -> Result<Option<Keyring>, String> {
+    let key = match (op.action, &op.key) {
+        (KeyAction::Install, Some(text)) => match keyring::decode_key(text) {
+            Some(k) if keyring::fingerprint(&k) == op.fingerprint => k,
+            _ => return Err("the key does not match its fingerprint".into()),
+        },
+        (KeyAction::Install, None) => return Err("an install without its key".into()),
+        (_, _) => match ring.find(&op.fingerprint) {
+            Some(k) => k,
+            None if op.action == KeyAction::Remove => return Ok(None),
+            None => return Err(keyring::KeyActionError::NotInstalled.to_string()),
+        },
+    };
+    ring.apply(op.action, &key).map_err(|e| e.to_string())
+}
+
+/// Applies every keyring operation this agent hears of (`events` subscribed before
+/// membership started, so none is missed), for as long as the agent runs.
+pub async fn apply_loop(
+    membership: Arc<Membership>,
+    key_file: Option<PathBuf>,
+    mut events: broadcast::Receiver<Event>,
+) {
+    let mut unsaved = false;
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "missed keyring operations; `agent keys list` shows this agent's keys");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if event.name != KEYRING_EVENT {
+            continue;
+        }
+        let Ok(op) = serde_json::from_str::<KeyOp>(&event.payload) else {
+            tracing::warn!(origin = %event.origin, "ignored a keyring operation this agent cannot read");
+            continue;
+        };
+        let ring = membership.wire.keyring();
+        let next = match apply(&ring, &op) {
+            Ok(Some(next)) => next,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(origin = %event.origin, action = op.action.as_str(), key = %op.fingerprint, error = %e, "could not apply a keyring operation");
+                continue;
+            }
+        };
+        membership.wire.set_keyring(next.clone());
+        if let Some(path) = &key_file {
+            // A small write and an fsync, off the runtime thread (which must never block long).
+            let (ring, file) = (next.clone(), path.clone());
+            let saved = tokio::task::spawn_blocking(move || ring.save(&file))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            match saved {
+                Ok(()) => unsaved = false,
+                Err(e) => {
+                    unsaved = true;
+                    tracing::error!(path = %path.display(), error = %e, "could not write the keyring file: a restart would bring back the old keys");
+                }
+            }
+        }
+        membership.announce_keyring(&next.fingerprints(), unsaved).await;
+        tracing::info!(origin = %event.origin, action = op.action.as_str(), key = %op.fingerprint, keys = next.fingerprints().len(), "keyring changed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::snapshot::{KeyringView, LocalNode};
+    use crate::membership::keyring::{fingerprint, generate_key};
+    use base64::Engine;
+
+    fn b64(k: &[u8; 32]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(k)
+    }
+
+    fn member(id: &str, state: MemberState, keys: &[&[u8; 32]]) -> MemberView {
+        MemberView {
+            id: id.into(),
+            region: "r".into(),
+            zone: "z".into(),
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            data_addr: None,
+            state,
+            generation: 1,
+            version: String::new(),
+            draining: false,
+            services: Vec::new(),
+            rtt_ms: None,
+            keyring: KeyringView { keys: keys.iter().map(|k| fingerprint(k)).collect(), unsaved: false },
+        }
+    }
+
+    fn snapshot(members: Vec<MemberView>) -> Snapshot {
+        let mut s = Snapshot::empty(LocalNode {
+            id: "a".into(),
+            region: "r".into(),
+            zone: "z".into(),
+            version: String::new(),
+            cluster: "c".into(),
+        });
+        s.members = members;
+        s
+    }
+
+    fn request(action: KeyAction, key: String) -> KeyRequest {
+        KeyRequest { action, key, force: false, wait_ms: None }
+    }
+
+    #[test]
+    fn status_counts_each_key_over_the_members_that_report() {
+        let (old, new) = (generate_key(), generate_key());
+        let local = Keyring::from_keys(vec![old, new]);
+        let snap = snapshot(vec![
+            member("a", MemberState::Alive, &[&old, &new]),
+            member("b", MemberState::Suspect, &[&new, &old]),
+            member("c", MemberState::Alive, &[&old]),
+            member("d", MemberState::Alive, &[]),
+            member("e", MemberState::Unreachable, &[&old]),
+            member("f", MemberState::Dead, &[&old]),
+        ]);
+        let doc = status(&snap, &local);
+        assert_eq!(doc.members, 5);
+        assert_eq!(
+            doc.keys,
+            [
+                KeyCount { fingerprint: fingerprint(&old), installed: 3, primary: 2, here: Some("primary".into()) },
+                KeyCount { fingerprint: fingerprint(&new), installed: 2, primary: 1, here: Some("installed".into()) },
+            ]
+        );
+        assert_eq!(doc.not_reporting, ["d", "e"]);
+    }
+
+    #[test]
+    fn use_waits_for_the_key_everywhere_and_remove_spares_a_primary() {
+        let (old, new) = (generate_key(), generate_key());
+        let local = Keyring::from_keys(vec![old, new]);
+        let snap =
+            snapshot(vec![member("a", MemberState::Alive, &[&old, &new]), member("b", MemberState::Alive, &[&old])]);
+        // Install takes the key, not a fingerprint.
+        let op = prepare(&request(KeyAction::Install, b64(&new)), &local, &snap).unwrap();
+        assert_eq!(op, KeyOp { action: KeyAction::Install, fingerprint: fingerprint(&new), key: Some(b64(&new)) });
+        assert!(matches!(
+            prepare(&request(KeyAction::Install, fingerprint(&new)), &local, &snap),
+            Err(RequestError::Invalid(_))
+        ));
+        assert!(matches!(
+            prepare(&request(KeyAction::Install, "nonsense".into()), &local, &snap),
+            Err(RequestError::Invalid(_))
+        ));
+        // Use: b does not hold the key yet; by fingerprint or by key, forced or not.
+        let err = prepare(&request(KeyAction::Use, fingerprint(&new)), &local, &snap).unwrap_err();
+        assert!(matches!(&err, RequestError::Unsafe(m) if m.contains(" b;")), "{err}");
+        let forced = KeyRequest { force: true, ..request(KeyAction::Use, b64(&new)) };
+        assert_eq!(prepare(&forced, &local, &snap).unwrap().key, None, "only install carries the key");
+        let unknown = generate_key();
+        assert!(matches!(
+            prepare(&request(KeyAction::Use, b64(&unknown)), &local, &snap),
+            Err(RequestError::Invalid(_))
+        ));
+        // Remove: never this agent's primary; another member's only with force.
+        assert!(matches!(
+            prepare(&request(KeyAction::Remove, b64(&old)), &local, &snap),
+            Err(RequestError::Refused(_))
+        ));
+        let local_new = Keyring::from_keys(vec![new, old]);
+        let err = prepare(&request(KeyAction::Remove, b64(&old)), &local_new, &snap).unwrap_err();
+        assert!(matches!(&err, RequestError::Unsafe(m) if m.contains("primary on a, b;")), "{err}");
+        let forced = KeyRequest { force: true, ..request(KeyAction::Remove, b64(&old)) };
+        assert!(prepare(&forced, &local_new, &snap).is_ok());
+    }
+
+    #[test]
+    fn a_member_applies_operations_idempotently() {
+        let (old, new) = (generate_key(), generate_key());
+        let ring = Keyring::from_keys(vec![old]);
+        let install = KeyOp { action: KeyAction::Install, fingerprint: fingerprint(&new), key: Some(b64(&new)) };
+        let ring = apply(&ring, &install).unwrap().unwrap();
+        assert!(apply(&ring, &install).unwrap().is_none());
+        let forged = KeyOp { fingerprint: fingerprint(&old), ..install.clone() };
+        assert!(apply(&ring, &forged).is_err(), "a key must match its fingerprint");
+        let using = KeyOp { action: KeyAction::Use, fingerprint: fingerprint(&new), key: None };
+        let ring = apply(&ring, &using).unwrap().unwrap();
+        assert_eq!(ring.fingerprints()[0], fingerprint(&new));
+        let remove = KeyOp { action: KeyAction::Remove, fingerprint: fingerprint(&old), key: None };
+        let ring = apply(&ring, &remove).unwrap().unwrap();
+        assert!(apply(&ring, &remove).unwrap().is_none(), "removing a key it lacks changes nothing");
+        let use_missing = KeyOp { action: KeyAction::Use, fingerprint: fingerprint(&old), key: None };
+        assert!(apply(&ring, &use_missing).is_err());
+    }
+
+    #[test]
+    fn progress_counts_members_announcing_the_change() {
+        let (old, new) = (generate_key(), generate_key());
+        let snap = snapshot(vec![
+            member("a", MemberState::Alive, &[&new, &old]),
+            member("b", MemberState::Alive, &[&old, &new]),
+            member("c", MemberState::Unreachable, &[&new, &old]),
+            member("d", MemberState::Left, &[&old]),
+        ]);
+        let fp = fingerprint(&new);
+        assert_eq!(progress(&snap, KeyAction::Install, &fp), (vec!["a".into(), "b".into()], vec!["c".into()]));
+        assert_eq!(progress(&snap, KeyAction::Use, &fp), (vec!["a".into()], vec!["b".into(), "c".into()]));
+        let fp_old = fingerprint(&old);
+        assert_eq!(progress(&snap, KeyAction::Remove, &fp_old), (vec![], vec!["a".into(), "b".into(), "c".into()]));
+    }
+}
