@@ -208,7 +208,8 @@ async fn change_keys(State(s): State<AdminState>, body: axum::body::Bytes) -> Re
         }
     };
     let wait = req.wait_ms.map_or(crate::keys::DEFAULT_WAIT, std::time::Duration::from_millis);
-    let op = match crate::keys::prepare_when_safe(&req, &s.membership.wire.keyring(), s.snapshots.clone(), wait).await {
+    let op = match crate::keys::prepare_when_safe(&req, || s.membership.wire.keyring(), s.snapshots.clone(), wait).await
+    {
         Ok(op) => op,
         Err(e @ crate::keys::RequestError::Invalid(_)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => return error(StatusCode::CONFLICT, e.to_string()),

@@ -187,6 +187,9 @@ pub struct KeyOpDoc {
     pub done: Vec<String>,
     /// Not yet announcing the change (or not heard from: unreachable, or an older agent).
     pub pending: Vec<String>,
+    /// Members whose keyring file could not be written: a restart brings back its keys.
+    #[serde(default)]
+    pub unsaved: Vec<String>,
 }
 
 /// `GET /v1/keys`: the keys in use across the cluster.

@@ -440,6 +440,9 @@ pub async fn keys_change(
     stdin: &mut dyn std::io::BufRead,
 ) -> anyhow::Result<()> {
     let text = if key.key == "-" {
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            eprint!("key (base64, as `agent keygen` prints it): ");
+        }
         let mut line = String::new();
         stdin.read_line(&mut line).context("reading the key from standard input")?;
         line.trim().to_string()
@@ -452,22 +455,31 @@ pub async fn keys_change(
         force: key.force,
         wait_ms: Some(u64::try_from(key.wait.as_millis()).unwrap_or(u64::MAX)),
     };
+    let started = tokio::time::Instant::now();
     let doc: KeyOpDoc = AdminClient::new(&key.client, env).post("/v1/keys", &req).await?;
     if key.client.json {
         print_json(&doc);
     }
     let (verb, fp) = (render_action(action), &doc.fingerprint);
+    if !doc.unsaved.is_empty() {
+        eprintln!(
+            "warning: {} could not write their keyring file; a restart brings back the keys in it \
+             (update those files before restarting them)",
+            doc.unsaved.join(", ")
+        );
+    }
     if doc.pending.is_empty() {
         if !key.client.json {
             println!("{verb} key {fp} on {} of {} members", doc.done.len(), doc.members);
         }
         return Ok(());
     }
+    let waited = std::time::Duration::from_secs(started.elapsed().as_secs());
     Err(ClientError(format!(
         "{verb} key {fp} on {} of {} members after {}; not yet on: {} (`agent keys list` shows where things stand)",
         doc.done.len(),
         doc.members,
-        humantime::format_duration(key.wait),
+        humantime::format_duration(waited),
         doc.pending.join(", ")
     ))
     .into())

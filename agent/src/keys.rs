@@ -8,19 +8,20 @@
 //! member's `keyring` in `/v1/members`). The agent that was asked waits until every member it
 //! knows announces the change, then says who has not.
 //!
-//! Two guards keep a rotation from cutting members off: `use` refuses while any member does
-//! not announce the key installed (it could not open what the others then seal), and `remove`
-//! refuses while the key is primary anywhere. `force` skips both. Since another region's view
-//! lags by a few gossip rounds, a request first waits up to [`GUARD_WAIT`] for its guard to
-//! clear. Operations are idempotent;
-//! run them one at a time, each after the last has reached every member (the command waits
-//! for that), since two in flight may reach members in either order.
+//! Guards keep a rotation from cutting members off (`force` skips them): `install` refuses
+//! while a member announces no keyring (unreachable, or an agent from before this module, which
+//! would show the key to its event watchers); `use` while a member does not announce the key
+//! installed (it could not open what the others then seal); `remove` while the key is primary
+//! anywhere, or a member could not write its keyring file (restarted, it would hold only the
+//! keys in it). Since another region's view lags by a few gossip rounds, a request first waits
+//! up to [`GUARD_WAIT`] for its guard to clear. Operations are idempotent but not ordered: run
+//! them one at a time, each after the last has reached every member (the command waits for
+//! that), since two in flight may reach members in either order.
 //!
-//! A member that was down during an operation missed it (events are best-effort): it still
-//! opens the others' datagrams while its keys are installed, and `agent keys list` shows what
-//! it lacks. Rotation protects against a key that may leak, not one that has: the new key
-//! travels sealed under the old. After a leak, write a new keyring file to every host and
-//! restart the agents.
+//! A member that was down during an operation missed it (events are best-effort); `agent keys
+//! list` shows what it lacks. Rotation protects against a key that may leak, not one that has:
+//! the new key travels sealed under the old. After a leak, write a new keyring file to every
+//! host and restart the agents.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,14 +135,24 @@ pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<Key
     let (fingerprint, key) = match keyring::decode_key(text) {
         Some(k) => (keyring::fingerprint(&k), Some(text.to_string())),
         None if text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()) => (text.to_ascii_lowercase(), None),
+        // Not echoed: it may be a real key with a typo.
         None => {
-            return Err(RequestError::Invalid(format!(
-                "{text:?} is neither a key (base64 of 32 bytes, as `agent keygen` prints) nor a key fingerprint (16 hex digits)"
-            )));
+            return Err(RequestError::Invalid(
+                "that is neither a key (base64 of 32 bytes, as `agent keygen` prints) nor a key fingerprint \
+                 (16 hex digits, as `agent keys list` shows)"
+                    .into(),
+            ));
         }
     };
     let op = |key| KeyOp { action: req.action, fingerprint: fingerprint.clone(), key };
-    let list = |ids: Vec<String>| ids.join(", ");
+    let members = || snap.members.iter().filter(|m| counted(m));
+    let ids = |pred: &dyn Fn(&MemberView) -> bool| -> Vec<String> {
+        members().filter(|m| pred(m)).map(|m| m.id.clone()).collect()
+    };
+    let held_anywhere = local.find(&fingerprint).is_some() || members().any(|m| m.keyring.keys.contains(&fingerprint));
+    let unsafe_unless_forced = |ids: Vec<String>, why: String| {
+        if req.force || ids.is_empty() { Ok(()) } else { Err(RequestError::Unsafe(why.replace("{}", &ids.join(", ")))) }
+    };
     match req.action {
         KeyAction::Install => {
             if key.is_none() {
@@ -149,48 +160,62 @@ pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<Key
                     "install needs the key itself (base64, as `agent keygen` prints), not its fingerprint".into(),
                 ));
             }
+            unsafe_unless_forced(
+                ids(&|m| !reporting(m)),
+                "{} announce no keyring: unreachable (they would miss the key) or agents from before \
+                 `agent keys`, which would show it to their event watchers; upgrade them first, or \
+                 --force to install it anyway"
+                    .into(),
+            )?;
             Ok(op(key))
         }
         KeyAction::Use => {
-            if local.find(&fingerprint).is_none() {
+            if !held_anywhere {
                 return Err(RequestError::Invalid(format!(
+                    "no member holds key {fingerprint}; install it first (`agent keys install KEY`)"
+                )));
+            }
+            if local.find(&fingerprint).is_none() {
+                // Installed elsewhere: the install may not have reached this agent yet.
+                return Err(RequestError::Unsafe(format!(
                     "key {fingerprint} is not installed on this agent; install it first (`agent keys install KEY`)"
                 )));
             }
-            let lacking: Vec<String> = snap
-                .members
-                .iter()
-                .filter(|m| counted(m) && !has_applied(m, KeyAction::Install, &fingerprint))
-                .map(|m| m.id.clone())
-                .collect();
-            if !req.force && !lacking.is_empty() {
-                return Err(RequestError::Unsafe(format!(
-                    "key {fingerprint} is not known to be installed on {}; they could not open what it seals \
-                     (`agent keys list` shows who lacks it; --force to use it anyway)",
-                    list(lacking)
-                )));
-            }
+            unsafe_unless_forced(
+                ids(&|m| !has_applied(m, KeyAction::Install, &fingerprint)),
+                format!(
+                    "key {fingerprint} is not known to be installed on {{}}; they could not open what it seals \
+                     (`agent keys list` shows who lacks it; --force to use it anyway)"
+                ),
+            )?;
             Ok(op(None))
         }
         KeyAction::Remove => {
-            let sealing: Vec<String> = snap
-                .members
-                .iter()
-                .filter(|m| counted(m) && m.keyring.keys.first() == Some(&fingerprint))
-                .map(|m| m.id.clone())
-                .collect();
+            if !held_anywhere {
+                return Err(RequestError::Invalid(format!(
+                    "no member holds key {fingerprint} (`agent keys list` shows the keys in use)"
+                )));
+            }
             if local.fingerprints().first() == Some(&fingerprint) {
                 return Err(RequestError::Refused(format!(
                     "key {fingerprint} is primary on this agent; make another key primary first (`agent keys use KEY`)"
                 )));
             }
-            if !req.force && !sealing.is_empty() {
-                return Err(RequestError::Unsafe(format!(
-                    "key {fingerprint} is primary on {}; make another key primary first (`agent keys use KEY`), \
-                     or --force to remove it where it is not",
-                    list(sealing)
-                )));
-            }
+            unsafe_unless_forced(
+                ids(&|m| m.keyring.keys.first() == Some(&fingerprint)),
+                format!(
+                    "key {fingerprint} is primary on {{}}; make another key primary first (`agent keys use KEY`), \
+                     or --force to remove it where it is not"
+                ),
+            )?;
+            unsafe_unless_forced(
+                ids(&|m| m.keyring.unsaved),
+                format!(
+                    "{{}} could not write their keyring file, so after a restart they would hold only the keys \
+                     in it (perhaps only {fingerprint}) and be cut off; put the new key in their files, then \
+                     --force"
+                ),
+            )?;
             Ok(op(None))
         }
     }
@@ -205,16 +230,20 @@ pub const GUARD_WAIT: Duration = Duration::from_secs(10);
 /// [`GUARD_WAIT`]) while only a guard stands in the way.
 pub async fn prepare_when_safe(
     req: &KeyRequest,
-    local: &Keyring,
+    local: impl Fn() -> Keyring,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     wait: Duration,
 ) -> Result<KeyOp, RequestError> {
     let deadline = tokio::time::Instant::now() + wait.min(GUARD_WAIT);
     loop {
-        let result = prepare(req, local, &snapshots.borrow_and_update());
+        let result = prepare(req, &local(), &snapshots.borrow_and_update());
         match result {
             Err(RequestError::Unsafe(_)) if tokio::time::Instant::now() < deadline => {
-                let _ = tokio::time::timeout_at(deadline, snapshots.changed()).await;
+                // A new snapshot, or this agent's own keyring changing (checked every 100 ms).
+                let next = tokio::time::Instant::now() + Duration::from_millis(100);
+                if let Ok(Err(_)) = tokio::time::timeout_at(deadline.min(next), snapshots.changed()).await {
+                    return result;
+                }
             }
             result => return result,
         }
@@ -233,17 +262,26 @@ pub async fn run(
     membership.fire_internal(KEYRING_EVENT, &payload).await;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let (done, pending) = progress(&snapshots.borrow_and_update(), op.action, &op.fingerprint);
-        if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+        let snap = snapshots.borrow_and_update().clone();
+        let (done, pending) = progress(&snap, op.action, &op.fingerprint);
+        let ended = pending.is_empty()
+            || tokio::time::Instant::now() >= deadline
+            || matches!(tokio::time::timeout_at(deadline, snapshots.changed()).await, Ok(Err(_)));
+        if ended {
             return KeyOpDoc {
                 action: op.action,
                 fingerprint: op.fingerprint,
                 members: done.len() + pending.len(),
                 done,
                 pending,
+                unsaved: snap
+                    .members
+                    .iter()
+                    .filter(|m| counted(m) && m.keyring.unsaved)
+                    .map(|m| m.id.clone())
+                    .collect(),
             };
         }
-        let _ = tokio::time::timeout_at(deadline, snapshots.changed()).await;
     }
 }
 
@@ -423,6 +461,37 @@ mod tests {
         assert!(matches!(&err, RequestError::Unsafe(m) if m.contains("primary on a, b;")), "{err}");
         let forced = KeyRequest { force: true, ..request(KeyAction::Remove, b64(&old)) };
         assert!(prepare(&forced, &local_new, &snap).is_ok());
+    }
+
+    #[test]
+    fn guards_name_members_that_announce_no_keyring_or_could_not_save_it() {
+        let (old, new) = (generate_key(), generate_key());
+        let local = Keyring::from_keys(vec![new, old]);
+        let mut unsaved = member("b", MemberState::Alive, &[&new, &old]);
+        unsaved.keyring.unsaved = true;
+        let snap = snapshot(vec![
+            member("a", MemberState::Alive, &[&new, &old]),
+            unsaved,
+            member("c", MemberState::Alive, &[]),
+        ]);
+        // An agent from before `agent keys` would show an installed key to its event watchers.
+        let err = prepare(&request(KeyAction::Install, b64(&generate_key())), &local, &snap).unwrap_err();
+        assert!(matches!(&err, RequestError::Unsafe(m) if m.starts_with("c announce")), "{err}");
+        // A member that could not write its file would restart with the old key alone.
+        let snap = snapshot(snap.members[..2].to_vec());
+        let err = prepare(&request(KeyAction::Remove, b64(&old)), &local, &snap).unwrap_err();
+        assert!(matches!(&err, RequestError::Unsafe(m) if m.starts_with("b could not write")), "{err}");
+        let forced = KeyRequest { force: true, ..request(KeyAction::Remove, b64(&old)) };
+        assert!(prepare(&forced, &local, &snap).is_ok());
+        // A fingerprint no member holds is a typo, not a success.
+        let err = prepare(&request(KeyAction::Remove, fingerprint(&generate_key())), &local, &snap).unwrap_err();
+        assert!(matches!(err, RequestError::Invalid(_)));
+        // Installed elsewhere but not yet here: worth waiting for.
+        let here = Keyring::from_keys(vec![old]);
+        assert!(matches!(
+            prepare(&request(KeyAction::Use, fingerprint(&new)), &here, &snap),
+            Err(RequestError::Unsafe(_))
+        ));
     }
 
     #[test]

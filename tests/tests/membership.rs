@@ -373,7 +373,7 @@ fn agent_keys_rotates_a_running_cluster_across_regions() {
     // A key cannot seal before it is installed, nor the primary be removed.
     let (code, text) = keys(&agents[0], &["use", &new_key]);
     assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("not installed on this agent"), "{text}");
+    assert!(text.contains("no member holds key"), "{text}");
     let (code, text) = keys(&agents[0], &["remove", &old_key]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("is primary on"), "{text}");
@@ -428,4 +428,51 @@ fn agent_keys_rotates_a_running_cluster_across_regions() {
     // The operations were the agent's own events: counted, never shown as users' events.
     assert!(agents[2].metric("grapevine_events_total", "internal") >= 3.0);
     assert_eq!(agents[2].metric("grapevine_events_total", "received"), 0.0);
+}
+
+#[test]
+fn agent_keys_will_not_remove_a_key_a_member_could_not_write_away() {
+    let cluster = Cluster::new();
+    let old_key = keys_in(&cluster.key_file).remove(0);
+    let a = cluster.start(AgentOpts::new("a", "eu"));
+    // b's keyring file sits in a directory that is gone by the time keys change.
+    let dir = cluster.dir.path().join("b-secrets");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("cluster.key"), format!("{old_key}\n")).unwrap();
+    let mut opts = AgentOpts::new("b", "eu").join(a.gossip);
+    opts.key_file = Some(dir.join("cluster.key"));
+    let b = cluster.start(opts);
+    let agents = [a, b];
+    wait_until("two alive", CONVERGE, || all_alive(&agents, 2));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let keys = |args: &[&str]| {
+        let admin = agents[0].admin.to_string();
+        let mut argv = vec!["keys"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--admin-addr", &admin]);
+        let out = cluster.agent_cmd(&argv);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let new_key = String::from_utf8(cluster.agent_cmd(&["keygen"]).stdout).unwrap().trim().to_string();
+    let (code, text) = keys(&["install", &new_key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("on 2 of 2 members"), "{text}");
+    wait_until("a lists b as unsaved", CONVERGE, || agents[0].get("/v1/keys")["unsaved"] == json!(["b"]));
+    let (code, text) = keys(&["list"]);
+    assert!(code == Some(0) && text.contains("could not write their keyring file") && text.contains(": b"), "{text}");
+    let (code, text) = keys(&["use", &new_key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("warning: b could not write"), "{text}");
+    // Removing the old key would leave b, restarted, with that key alone.
+    let (code, text) = keys(&["remove", &old_key, "--wait", "1s"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("b could not write their keyring file"), "{text}");
+    assert_eq!(agents[1].get("/v1/keys")["keys"].as_array().map(Vec::len), Some(2), "nothing was removed");
+    let (code, text) = keys(&["remove", &old_key, "--force"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("removed key") && text.contains("on 2 of 2 members"), "{text}");
+    // A mistyped fingerprint is an error, not a success.
+    let (code, text) = keys(&["remove", "0123456789abcdef"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no member holds key 0123456789abcdef"), "{text}");
 }

@@ -18,6 +18,7 @@
 //! cost 12 more bytes on every datagram, which at two SWIM probes a second was 10% of the
 //! idle traffic.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine;
@@ -153,32 +154,55 @@ impl Keyring {
         }))
     }
 
-    /// Writes the ring to `path` the way [`Keyring::from_file`] reads it, replacing the file
-    /// at once (a temporary file beside it, renamed over it) and keeping its permissions.
+    /// Writes the ring to `path` the way [`Keyring::from_file`] reads it. Normally a fresh
+    /// temporary file beside it (created 0600, then given the file's mode and owner, synced)
+    /// renamed over it, so the file is whole at every moment. A file that cannot be replaced
+    /// that way (mounted on its own, or in a directory this agent may not write) is rewritten
+    /// in place if it is writable; other failures leave it as it was.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
+        use std::io::{ErrorKind, Write};
         // Through a symlink (a mounted secret, say) to the file it names.
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = std::path::PathBuf::from(tmp);
         let mut text = String::from("# The gossip keyring, written by `agent keys`: the first key seals.\n");
         for k in self.encoded() {
             text.push_str(&k);
             text.push('\n');
         }
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            if let Ok(meta) = std::fs::metadata(&path) {
-                f.set_permissions(meta.permissions())?;
+        let meta = std::fs::metadata(&path).ok();
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let replace = || -> std::io::Result<()> {
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".keyring-")
+                .permissions(std::fs::Permissions::from_mode(0o600))
+                .tempfile_in(dir)?;
+            if let Some(meta) = &meta {
+                let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()));
+                tmp.as_file().set_permissions(meta.permissions())?;
             }
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            tmp.write_all(text.as_bytes())?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(&path).map_err(|e| e.error)?;
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
         };
-        write().inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        match replace() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::PermissionDenied
+                        | ErrorKind::ReadOnlyFilesystem
+                        | ErrorKind::ResourceBusy
+                        | ErrorKind::CrossesDevices
+                ) =>
+            {
+                let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            }
+            result => result,
+        }
     }
 
     /// Appends the sealed form of `plaintext` to `out`.
@@ -351,10 +375,8 @@ mod tests {
         assert_ne!(fingerprint(&key), fingerprint(&[8u8; 32]));
     }
 
-    #[cfg(unix)]
     #[test]
     fn a_saved_ring_reads_back_and_keeps_the_file_mode() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cluster.key");
         std::fs::write(&path, format!("{}\n", generate_encoded())).unwrap();
@@ -371,6 +393,10 @@ mod tests {
         two.save(&link).unwrap();
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(Keyring::from_file(&path).unwrap().encoded(), two.encoded());
+        // Where the file cannot be written, nothing is, and no temporary file is left.
+        let gone = dir.path().join("gone").join("cluster.key");
+        assert!(two.save(&gone).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]
