@@ -1,5 +1,5 @@
 # Thin wrappers; the work lives in cargo and scripts/. See README.md.
-.PHONY: demo test bench bench-ring bench-membership bench-dataplane sim sim-netns run deps lint
+.PHONY: demo test bench bench-ring bench-membership bench-dataplane sim sim-netns fuzz run deps lint
 
 CARGO ?= cargo
 
@@ -45,6 +45,11 @@ sim-netns:
 	@bash scripts/deps.sh sim-netns
 	$(CARGO) build --release -p grapevine-sim -p grapevine-agent
 	./target/release/sim netns sim/scenarios/netns-split.toml
+
+# libFuzzer on the decoders of what arrives from the network (fuzz/), FUZZ_SECONDS (60) per target.
+fuzz:
+	@bash scripts/deps.sh fuzz
+	bash scripts/fuzz.sh
 
 run:
 	$(CARGO) run --release -p grapevine-agent --bin agent -- run --dev

@@ -13,6 +13,9 @@ need_cargo_tool() {
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 need_cargo_tool cargo-nextest cargo-nextest
+if [ "${1:-}" = fuzz ]; then
+  need_cargo_tool cargo-fuzz cargo-fuzz
+fi
 
 # Debian packages: name of a command each provides, then the package. `deps.sh bench` adds the
 # peers the benchmarks measure against.
@@ -25,6 +28,10 @@ if [ "${1:-}" = sim-netns ]; then
   packages="$packages
 nft nftables
 ip iproute2"
+fi
+if [ "${1:-}" = fuzz ]; then
+  packages="$packages
+g++ g++"
 fi
 if [ "${1:-}" = bench ]; then
   packages="$packages

@@ -18,6 +18,7 @@
 //! - `admin.rs`, `api.rs`: the admin HTTP API and its JSON documents.
 //! - `client.rs`: the client commands and their tables.
 //! - `metrics.rs`: the Prometheus registry.
+//! - `fuzz.rs`: entry points for `make fuzz` (`fuzz/`): the agent's decoders, no sockets.
 
 pub mod admin;
 pub mod api;
@@ -29,6 +30,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod events;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod health;
 pub mod keys;
 pub mod membership;

@@ -73,8 +73,8 @@ fn config() -> bincode::config::Configuration<
 
 /// Writes a header.
 pub async fn write_header(w: &mut (impl AsyncWrite + Unpin), h: &StreamHeader) -> std::io::Result<()> {
-    let body = bincode::encode_to_vec(h, config()).map_err(std::io::Error::other)?;
-    if body.len() > MAX_HEADER {
+    let body = encode(h);
+    if body.is_empty() || body.len() > MAX_HEADER {
         return Err(std::io::Error::other("stream header too large"));
     }
     let mut frame = Vec::with_capacity(2 + body.len());
@@ -93,15 +93,24 @@ pub async fn read_header(r: &mut (impl AsyncRead + Unpin)) -> Result<StreamHeade
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|_| Answer::BadHeader)?;
-    let (h, used): (StreamHeader, usize) =
-        bincode::decode_from_slice(&body, config()).map_err(|_| Answer::BadHeader)?;
-    if used != len {
+    decode(&body)
+}
+
+/// Decodes a header's body (the bytes after its length); every byte must belong to it.
+pub fn decode(body: &[u8]) -> Result<StreamHeader, Answer> {
+    let (h, used): (StreamHeader, usize) = bincode::decode_from_slice(body, config()).map_err(|_| Answer::BadHeader)?;
+    if used != body.len() {
         return Err(Answer::BadHeader);
     }
     if h.version != VERSION {
         return Err(Answer::UnsupportedVersion);
     }
     Ok(h)
+}
+
+/// A header's body as [`decode`] reads it.
+pub fn encode(h: &StreamHeader) -> Vec<u8> {
+    bincode::encode_to_vec(h, config()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -87,13 +87,13 @@ pub struct MembershipConfig {
 
 /// "Which members of `region` do you know?", sent to seeds.
 #[derive(Debug, Serialize, Deserialize)]
-struct JoinRequest {
+pub(crate) struct JoinRequest {
     region: String,
 }
 
 /// The answer: members of that region, and gateways of any region.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct JoinReply {
+pub(crate) struct JoinReply {
     members: Vec<SocketAddr>,
     gateways: Vec<SocketAddr>,
 }

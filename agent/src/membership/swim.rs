@@ -283,6 +283,11 @@ impl Swim {
         }
     }
 
+    /// The bytes every SWIM body from this region starts with.
+    pub fn region_tag(&self) -> &[u8] {
+        &self.region_tag
+    }
+
     /// Introduces this node to whoever listens at `addr` (same region).
     pub fn announce(self: &Arc<Self>, addr: SocketAddr) {
         self.with_core(|core, out| {

@@ -395,19 +395,39 @@ impl Socket for SealedSocket {
             let Some((from, body)) = self.rx.recv().await else {
                 anyhow::bail!("the gossip receive loop stopped");
             };
-            let mut cursor = body.as_slice();
-            match ChitchatMessage::deserialize(&mut cursor) {
-                Ok(msg) => {
+            match decode_gossip(&body) {
+                Some(msg) => {
                     if self.admit.as_ref().is_some_and(|admit| !admit(from)) {
                         self.wire.metrics.pool_refused.inc();
                         continue;
                     }
                     return Ok((from, msg));
                 }
-                Err(_) => self.wire.drop_datagram("undecodable", from),
+                None => self.wire.drop_datagram("undecodable", from),
             }
         }
     }
+}
+
+/// Region-pool frame bodies as chitchat sends them (seeds for `make fuzz`).
+pub(crate) fn gossip_seeds() -> Vec<Vec<u8>> {
+    [
+        ChitchatMessage::Syn { cluster_id: "demo/us-east".into(), digest: Default::default() },
+        ChitchatMessage::BadCluster,
+    ]
+    .iter()
+    .map(|m| {
+        let mut body = Vec::with_capacity(m.serialized_len());
+        m.serialize(&mut body);
+        body
+    })
+    .collect()
+}
+
+/// A region- or WAN-pool frame's body as chitchat's message, if it is one.
+pub(crate) fn decode_gossip(body: &[u8]) -> Option<ChitchatMessage> {
+    let mut cursor = body;
+    ChitchatMessage::deserialize(&mut cursor).ok()
 }
 
 #[cfg(test)]
