@@ -12,8 +12,8 @@
 //! while a member announces no keyring (unreachable, or an agent from before this module, which
 //! would show the key to its event watchers); `use` while a member does not announce the key
 //! installed (it could not open what the others then seal); `remove` while the key is primary
-//! anywhere, or a member could not write its keyring file (restarted, it would hold only the
-//! keys in it). Since another region's view lags by a few gossip rounds, a request first waits
+//! anywhere, or while a member's keyring file lacks the key it seals with (it could not rewrite
+//! the file; restarted, it would be cut off). Since another region's view lags by a few gossip rounds, a request first waits
 //! up to [`GUARD_WAIT`] for its guard to clear. Operations are idempotent but not ordered: run
 //! them one at a time, each after the last has reached every member (the command waits for
 //! that), since two in flight may reach members in either order.
@@ -210,11 +210,10 @@ pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<Key
             )?;
             unsafe_unless_forced(
                 ids(&|m| m.keyring.unsaved),
-                format!(
-                    "{{}} could not write their keyring file, so after a restart they would hold only the keys \
-                     in it (perhaps only {fingerprint}) and be cut off; put the new key in their files, then \
-                     --force"
-                ),
+                "{} could not write their keyring file, and it lacks the key they seal with: restarted, \
+                 they would be cut off. Put that key in their files (each clears within 10 s once its \
+                 file holds it), or --force"
+                    .into(),
             )?;
             Ok(op(None))
         }
@@ -303,16 +302,45 @@ pub fn apply(ring: &Keyring, op: &KeyOp) -> Result<Option<Keyring>, String> {
     ring.apply(op.action, &key).map_err(|e| e.to_string())
 }
 
+/// How often a member whose keyring file lags re-reads it (an operator updating a read-only
+/// secret clears the warning within this long).
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Whether a restart from the keyring file would cut this member off: the file cannot be read,
+/// or lacks the key the member seals with (the others seal with it too, or soon will).
+pub fn file_lags(ring: &Keyring, path: &std::path::Path) -> bool {
+    let primary = ring.fingerprints().into_iter().next();
+    Keyring::from_file(path).map_or(true, |file| primary.is_none_or(|p| !file.fingerprints().contains(&p)))
+}
+
 /// Applies every keyring operation this agent hears of (`events` subscribed before
-/// membership started, so none is missed), for as long as the agent runs.
+/// membership started, so none is missed), for as long as the agent runs. After each, and
+/// every [`RECHECK`] while the file lags, it announces whether its keyring file lags.
 pub async fn apply_loop(
     membership: Arc<Membership>,
     key_file: Option<PathBuf>,
     mut events: broadcast::Receiver<Event>,
 ) {
-    let mut unsaved = false;
+    let mut lags = false;
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let event = match events.recv().await {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = recheck.tick(), if lags => {
+                if let Some(path) = &key_file {
+                    let ring = membership.wire.keyring();
+                    let (r, p) = (ring.clone(), path.clone());
+                    lags = tokio::task::spawn_blocking(move || file_lags(&r, &p)).await.unwrap_or(true);
+                    if !lags {
+                        tracing::info!(path = %path.display(), "the keyring file now holds the key this agent seals with");
+                        membership.announce_keyring(&ring.fingerprints(), false).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let event = match event {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "missed keyring operations; `agent keys list` shows this agent's keys");
@@ -340,18 +368,25 @@ pub async fn apply_loop(
         if let Some(path) = &key_file {
             // A small write and an fsync, off the runtime thread (which must never block long).
             let (ring, file) = (next.clone(), path.clone());
-            let saved = tokio::task::spawn_blocking(move || ring.save(&file))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            match saved {
-                Ok(()) => unsaved = false,
+            lags = tokio::task::spawn_blocking(move || match ring.save(&file) {
+                Ok(()) => false,
                 Err(e) => {
-                    unsaved = true;
-                    tracing::error!(path = %path.display(), error = %e, "could not write the keyring file: a restart would bring back the old keys");
+                    let lags = file_lags(&ring, &file);
+                    tracing::error!(
+                        path = %file.display(),
+                        error = %e,
+                        lags,
+                        "could not write the keyring file{}",
+                        if lags { ": a restart would bring back keys that cut this agent off" } else { "" }
+                    );
+                    lags
                 }
-            }
+            })
+            .await
+            .unwrap_or(true);
+            recheck.reset();
         }
-        membership.announce_keyring(&next.fingerprints(), unsaved).await;
+        membership.announce_keyring(&next.fingerprints(), lags).await;
         tracing::info!(origin = %event.origin, action = op.action.as_str(), key = %op.fingerprint, keys = next.fingerprints().len(), "keyring changed");
     }
 }
@@ -492,6 +527,21 @@ mod tests {
             prepare(&request(KeyAction::Use, fingerprint(&new)), &here, &snap),
             Err(RequestError::Unsafe(_))
         ));
+    }
+
+    #[test]
+    fn a_keyring_file_lags_when_it_lacks_the_key_that_seals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.key");
+        let (old, new) = (generate_key(), generate_key());
+        std::fs::write(&path, format!("{}\n", b64(&old))).unwrap();
+        // Installed but not yet sealing: a restart from the old file still talks to everyone.
+        assert!(!file_lags(&Keyring::from_keys(vec![old, new]), &path));
+        assert!(file_lags(&Keyring::from_keys(vec![new, old]), &path));
+        // The operator puts the new key in the file (alone, or beside the old).
+        std::fs::write(&path, format!("{}\n", b64(&new))).unwrap();
+        assert!(!file_lags(&Keyring::from_keys(vec![new, old]), &path));
+        assert!(file_lags(&Keyring::from_keys(vec![new]), &dir.path().join("gone")));
     }
 
     #[test]

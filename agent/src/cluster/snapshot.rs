@@ -80,8 +80,8 @@ pub struct ServiceRecord {
 pub struct KeyringView {
     /// Key fingerprints, primary first; empty from an agent that does not announce them.
     pub keys: Vec<String>,
-    /// Its keyring changed but its keyring file could not be written (a read-only mount, say):
-    /// it would restart with the keys in that file.
+    /// Its keyring file could not be written (a read-only mount, say) and lacks the key it seals
+    /// with: restarted from it, the member would be cut off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsaved: bool,
 }

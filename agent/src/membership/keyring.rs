@@ -157,7 +157,7 @@ impl Keyring {
     /// Writes the ring to `path` the way [`Keyring::from_file`] reads it. Normally a fresh
     /// temporary file beside it (created 0600, then given the file's mode and owner, synced)
     /// renamed over it, so the file is whole at every moment. A file that cannot be replaced
-    /// that way (mounted on its own, or in a directory this agent may not write) is rewritten
+    /// that way (mounted on its own, or in a directory this agent may not write) is overwritten
     /// in place if it is writable; other failures leave it as it was.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::{ErrorKind, Write};
@@ -176,8 +176,13 @@ impl Keyring {
                 .permissions(std::fs::Permissions::from_mode(0o600))
                 .tempfile_in(dir)?;
             if let Some(meta) = &meta {
-                let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()));
-                tmp.as_file().set_permissions(meta.permissions())?;
+                // The file's mode only with its owner and group: under another group, no more
+                // than the owner's part of it.
+                let mode = match std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid())) {
+                    Ok(()) => meta.permissions().mode(),
+                    Err(_) => meta.permissions().mode() & 0o700,
+                };
+                tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
             }
             tmp.write_all(text.as_bytes())?;
             tmp.as_file().sync_all()?;
@@ -197,8 +202,11 @@ impl Keyring {
                         | ErrorKind::CrossesDevices
                 ) =>
             {
-                let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+                // Overwritten from the start, then cut to length (not truncated first), so a
+                // failed write never leaves an empty file.
+                let mut f = std::fs::OpenOptions::new().write(true).open(&path)?;
                 f.write_all(text.as_bytes())?;
+                f.set_len(text.len() as u64)?;
                 f.sync_all()
             }
             result => result,
