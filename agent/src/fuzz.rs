@@ -5,7 +5,8 @@
 //! Who can send what: anyone can reach the gossip socket, but only datagrams that open under
 //! the keyring get further ([`gossip_datagram`]); what a key holder sends is decoded by
 //! [`gossip_frame`] and [`gossip_value`]; a QUIC peer with a cluster certificate sends stream
-//! headers ([`stream_header`]).
+//! headers ([`stream_header`]); any client of the ingress sends request heads, whose host, path
+//! and headers the agent reads itself ([`ingress_request`]; hyper parses the bytes).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,7 +52,7 @@ pub fn gossip_frame(data: &[u8]) {
 pub fn gossip_value(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else { return };
     let Ok(text) = std::str::from_utf8(body) else { return };
-    match which % 5 {
+    match which % 7 {
         0 => drop(serde_json::from_str::<ServiceRecord>(text)),
         1 => drop(serde_json::from_str::<MemberView>(text)),
         2 => drop(serde_json::from_str::<KeyringView>(text)),
@@ -59,6 +60,15 @@ pub fn gossip_value(data: &[u8]) {
             let hub = crate::events::EventHub::new(Arc::new(Metrics::new()), 512, Duration::from_secs(60), 0);
             let _ = serde_json::from_str::<EventBody>(text);
             hub.accept("n.1.1", text, "n");
+        }
+        5 => {
+            drop(serde_json::from_str::<std::collections::BTreeMap<String, crate::cluster::snapshot::RegionInfo>>(text))
+        }
+        6 => {
+            // An event under a key of the sender's choosing: the first line is its id.
+            let (id, body) = text.split_once('\n').unwrap_or((text, ""));
+            let hub = crate::events::EventHub::new(Arc::new(Metrics::new()), 512, Duration::from_secs(60), 0);
+            hub.accept(id, body, crate::membership::origin_of(id));
         }
         _ => {
             // A `_keyring` operation, applied to a ring holding two keys.
@@ -80,6 +90,55 @@ pub fn stream_header(data: &[u8]) {
     if let Ok(h) = crate::dataplane::header::decode(data) {
         assert_eq!(crate::dataplane::header::decode(&crate::dataplane::header::encode(&h)).as_ref(), Ok(&h));
     }
+}
+
+/// A request head as the ingress reads it once hyper has parsed it: the first line is the
+/// host, the second the path, then `name: value` headers. Routing, the affinity key under
+/// each way of configuring it, and X-Forwarded-For.
+pub fn ingress_request(data: &[u8]) {
+    use crate::config::{Affinity, IngressConfig, IngressRoute};
+    use crate::dataplane::ingress::{affinity_key, forwarded_for, pick_service};
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    let mut lines = data.split(|b| *b == b'\n');
+    let host = lines.next().and_then(|l| std::str::from_utf8(l).ok());
+    let path = lines.next().and_then(|l| std::str::from_utf8(l).ok()).unwrap_or("/");
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let value = line[colon + 1..].trim_ascii();
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(&line[..colon]), HeaderValue::from_bytes(value)) {
+            headers.append(name, value);
+        }
+    }
+    let route = |host: Option<&str>, prefix: Option<&str>, service: &str| IngressRoute {
+        host: host.map(str::to_string),
+        path_prefix: prefix.map(str::to_string),
+        service: service.to_string(),
+    };
+    let routes = vec![
+        route(Some("api.example.com"), Some("/v2"), "api"),
+        route(None, Some("/chat"), "chat"),
+        route(None, None, "web"),
+    ];
+    let client = SocketAddr::from(([203, 0, 113, 9], 5555));
+    for (cookie, header, fallback) in [
+        (Some("meteor_login_token"), Some("x-user"), None),
+        (None, Some("x-user"), None),
+        (Some("sid"), None, Some("none")),
+    ] {
+        let affinity = Affinity {
+            cookie: cookie.map(str::to_string),
+            header: header.map(str::to_string),
+            fallback: fallback.map(str::to_string),
+        };
+        let config = IngressConfig { listen: client, routes: routes.clone(), affinity };
+        assert!(pick_service(&config, host, path).is_some(), "the last route takes anything");
+        match affinity_key(&config, &headers, client) {
+            Some(key) => assert!(!key.is_empty(), "an affinity key is never empty"),
+            None => assert_eq!(fallback, Some("none"), "only `fallback = none` gives no key"),
+        }
+    }
+    assert!(forwarded_for(headers.get("x-forwarded-for"), client).is_some(), "X-Forwarded-For is always set");
 }
 
 /// A socket that never receives and keeps what is sent (to nobody).
@@ -201,6 +260,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     for (which, json) in values {
         out.push(("gossip_value", [&[which][..], json.as_bytes()].concat()));
     }
+    out.push(("gossip_value", [&[5][..], br#"{"us-west":{"gateways":["w-1","w-2"],"reachable":true}}"#].concat()));
+    out.push(("gossip_value", [&[6][..], b"web-1.17.3\n", br#"{"name":"deploy","payload":"v42","at":1000}"#].concat()));
+    out.push((
+        "ingress_request",
+        b"api.example.com:8080\n/v2/users\ncookie: theme=dark; meteor_login_token=tok123\nx-user: u1\nx-forwarded-for: 10.0.0.1".to_vec(),
+    ));
+    out.push(("ingress_request", b"example.com\n/chat/room\nx-forwarded-for: 10.0.0.1, 10.0.0.2".to_vec()));
     out
 }
 
@@ -236,6 +302,7 @@ mod tests {
                     assert!(Keyring::from_keys(vec![FUZZ_KEY]).open(b"fuzz", data).is_ok());
                     gossip_datagram(data);
                 }
+                "ingress_request" => ingress_request(data),
                 "gossip_frame" => {
                     if matches!(data[0], FRAME_GOSSIP | FRAME_WAN) {
                         assert!(crate::membership::transport::decode_gossip(&data[1..]).is_some());

@@ -138,6 +138,16 @@ pub fn affinity_key(config: &IngressConfig, headers: &hyper::HeaderMap, client: 
     }
 }
 
+/// X-Forwarded-For: this client appended to whatever a proxy in front already added (a value
+/// that is not text is replaced).
+pub fn forwarded_for(prev: Option<&HeaderValue>, client: SocketAddr) -> Option<HeaderValue> {
+    let xff = match prev.and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    HeaderValue::from_str(&xff).ok()
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     client: SocketAddr,
@@ -162,12 +172,7 @@ async fn handle(
             return text(StatusCode::BAD_GATEWAY, e.to_string());
         }
     };
-    // X-Forwarded-For: append this client to whatever a proxy in front already added.
-    let xff = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", client.ip()),
-        None => client.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = forwarded_for(req.headers().get("x-forwarded-for"), client) {
         req.headers_mut().insert("x-forwarded-for", v);
     }
     req.headers_mut().insert("x-forwarded-proto", HeaderValue::from_static("http"));

@@ -402,7 +402,7 @@ fn keyring_value(fingerprints: &[String], unsaved: bool) -> String {
 }
 
 /// The node an event id was fired on (`node.generation.seq`).
-fn origin_of(id: &str) -> &str {
+pub(crate) fn origin_of(id: &str) -> &str {
     let id = id.strip_prefix(EVENT_PREFIX).unwrap_or(id);
     id.rsplitn(3, '.').last().unwrap_or(id)
 }
