@@ -214,4 +214,7 @@ pub struct KeyCount {
     pub primary: usize,
     /// On this agent: `primary`, `installed`, or null.
     pub here: Option<String>,
+    /// Members that report a keyring without this key.
+    #[serde(default)]
+    pub missing_on: Vec<String>,
 }

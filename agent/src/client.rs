@@ -408,13 +408,14 @@ pub async fn keys_list(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
 
 pub fn render_keys(doc: &KeysDoc) -> String {
     let reporting = doc.members - doc.not_reporting.len();
-    let mut rows = vec![vec!["KEY".into(), "INSTALLED".into(), "PRIMARY".into(), "HERE".into()]];
+    let mut rows = vec![vec!["KEY".into(), "INSTALLED".into(), "PRIMARY".into(), "HERE".into(), "MISSING ON".into()]];
     for k in &doc.keys {
         rows.push(vec![
             k.fingerprint.clone(),
             format!("{}/{reporting}", k.installed),
             format!("{}/{reporting}", k.primary),
             k.here.clone().unwrap_or_else(|| "-".into()),
+            if k.missing_on.is_empty() { "-".into() } else { k.missing_on.join(",") },
         ]);
     }
     let mut out = table(&rows, "");
@@ -562,7 +563,7 @@ mod tests {
             "members": 3,
             "keys": [
                 {"fingerprint": "00aa00aa00aa00aa", "installed": 2, "primary": 1, "here": "primary"},
-                {"fingerprint": "11bb11bb11bb11bb", "installed": 2, "primary": 1, "here": null}
+                {"fingerprint": "11bb11bb11bb11bb", "installed": 1, "primary": 1, "here": null, "missing_on": ["a"]}
             ],
             "not_reporting": ["c"],
             "unsaved": ["b"]
@@ -570,9 +571,9 @@ mod tests {
         .unwrap();
         let text = render_keys(&doc);
         let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
-        assert_eq!(lines[0], ["KEY", "INSTALLED", "PRIMARY", "HERE"]);
-        assert_eq!(lines[1], ["00aa00aa00aa00aa", "2/2", "1/2", "primary"]);
-        assert_eq!(lines[2], ["11bb11bb11bb11bb", "2/2", "1/2", "-"]);
+        assert_eq!(lines[0], ["KEY", "INSTALLED", "PRIMARY", "HERE", "MISSING", "ON"]);
+        assert_eq!(lines[1], ["00aa00aa00aa00aa", "2/2", "1/2", "primary", "-"]);
+        assert_eq!(lines[2], ["11bb11bb11bb11bb", "1/2", "1/2", "-", "a"]);
         assert!(text.contains("older agent): c\n"), "{text}");
         assert!(text.contains("old keys): b\n"), "{text}");
     }

@@ -72,6 +72,7 @@ pub fn status(snap: &Snapshot, local: &Keyring) -> KeysDoc {
             installed: 0,
             primary: 0,
             here: Some(if i == 0 { "primary" } else { "installed" }.into()),
+            missing_on: Vec::new(),
         })
         .collect();
     for m in members.iter().filter(|m| reporting(m)) {
@@ -79,13 +80,26 @@ pub fn status(snap: &Snapshot, local: &Keyring) -> KeysDoc {
             let at = match keys.iter().position(|k| &k.fingerprint == fp) {
                 Some(at) => at,
                 None => {
-                    keys.push(KeyCount { fingerprint: fp.clone(), installed: 0, primary: 0, here: None });
+                    keys.push(KeyCount {
+                        fingerprint: fp.clone(),
+                        installed: 0,
+                        primary: 0,
+                        here: None,
+                        missing_on: Vec::new(),
+                    });
                     keys.len() - 1
                 }
             };
             keys[at].installed += 1;
             keys[at].primary += usize::from(i == 0);
         }
+    }
+    for k in &mut keys {
+        k.missing_on = members
+            .iter()
+            .filter(|m| reporting(m) && !m.keyring.keys.contains(&k.fingerprint))
+            .map(|m| m.id.clone())
+            .collect();
     }
     KeysDoc {
         members: members.len(),
@@ -452,8 +466,20 @@ mod tests {
         assert_eq!(
             doc.keys,
             [
-                KeyCount { fingerprint: fingerprint(&old), installed: 3, primary: 2, here: Some("primary".into()) },
-                KeyCount { fingerprint: fingerprint(&new), installed: 2, primary: 1, here: Some("installed".into()) },
+                KeyCount {
+                    fingerprint: fingerprint(&old),
+                    installed: 3,
+                    primary: 2,
+                    here: Some("primary".into()),
+                    missing_on: vec![]
+                },
+                KeyCount {
+                    fingerprint: fingerprint(&new),
+                    installed: 2,
+                    primary: 1,
+                    here: Some("installed".into()),
+                    missing_on: vec!["c".into()]
+                },
             ]
         );
         assert_eq!(doc.not_reporting, ["d", "e"]);

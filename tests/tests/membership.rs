@@ -406,7 +406,7 @@ fn agent_keys_rotates_a_running_cluster_across_regions() {
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(text.lines().count(), 2, "{text}");
     let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(row[1..], ["3/3", "3/3", "primary"], "{text}");
+    assert_eq!(row[1..], ["3/3", "3/3", "primary", "-"], "{text}");
 
     // A newcomer with only the new key joins; one with only the old key is refused.
     let (late, _) = start("late", "us-west", seed, &new_key);
