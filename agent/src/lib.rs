@@ -30,6 +30,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod events;
+// Only in tests and in `make fuzz`'s builds, not in the agent binary.
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod health;

@@ -328,6 +328,21 @@ fn client_commands_say_where_they_looked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
 }
 
+/// `agent keys ARGS` asked of `a`: the exit code, and stdout then stderr.
+fn agent_keys(cluster: &Cluster, a: &grapevine_tests::Agent, args: &[&str]) -> (Option<i32>, String) {
+    let admin = a.admin.to_string();
+    let mut argv = vec!["keys"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--admin-addr", &admin]);
+    let out = cluster.agent_cmd(&argv);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A new cluster key from `agent keygen`.
+fn keygen(cluster: &Cluster) -> String {
+    String::from_utf8(cluster.agent_cmd(&["keygen"]).stdout).unwrap().trim().to_string()
+}
+
 /// The non-comment lines of a keyring file.
 fn keys_in(path: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -360,15 +375,8 @@ fn agent_keys_rotates_a_running_cluster_across_regions() {
     let (w1, w1_file) = start("w1", "us-west", seed, &old_key);
     let agents = [e1, e2, w1];
     wait_until("three alive everywhere", CONVERGE, || all_alive(&agents, 3));
-    let keys = |a: &grapevine_tests::Agent, args: &[&str]| {
-        let admin = a.admin.to_string();
-        let mut argv = vec!["keys"];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--admin-addr", &admin]);
-        let out = cluster.agent_cmd(&argv);
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
-    let new_key = String::from_utf8(cluster.agent_cmd(&["keygen"]).stdout).unwrap().trim().to_string();
+    let keys = |a: &grapevine_tests::Agent, args: &[&str]| agent_keys(&cluster, a, args);
+    let new_key = keygen(&cluster);
 
     // A key cannot seal before it is installed, nor the primary be removed.
     let (code, text) = keys(&agents[0], &["use", &new_key]);
@@ -445,15 +453,8 @@ fn agent_keys_will_not_remove_a_key_a_member_could_not_write_until_its_file_catc
     let agents = [a, b];
     wait_until("two alive", CONVERGE, || all_alive(&agents, 2));
     std::fs::remove_dir_all(&dir).unwrap();
-    let keys = |args: &[&str]| {
-        let admin = agents[0].admin.to_string();
-        let mut argv = vec!["keys"];
-        argv.extend_from_slice(args);
-        argv.extend_from_slice(&["--admin-addr", &admin]);
-        let out = cluster.agent_cmd(&argv);
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
-    let new_key = String::from_utf8(cluster.agent_cmd(&["keygen"]).stdout).unwrap().trim().to_string();
+    let keys = |args: &[&str]| agent_keys(&cluster, &agents[0], args);
+    let new_key = keygen(&cluster);
     let (code, text) = keys(&["install", &new_key]);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("on 2 of 2 members"), "{text}");

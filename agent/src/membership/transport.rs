@@ -410,6 +410,7 @@ impl Socket for SealedSocket {
 }
 
 /// Region-pool frame bodies as chitchat sends them (seeds for `make fuzz`).
+#[cfg(any(test, fuzzing))]
 pub(crate) fn gossip_seeds() -> Vec<Vec<u8>> {
     [
         ChitchatMessage::Syn { cluster_id: "demo/us-east".into(), digest: Default::default() },
