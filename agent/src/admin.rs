@@ -19,6 +19,7 @@ use crate::api::{self, ErrorDoc, FireRequest};
 use crate::cluster::routing;
 use crate::cluster::snapshot::Snapshot;
 use crate::config::ServiceLayer;
+use crate::dataplane::{DataPlane, ReloadError};
 use crate::events::EventHub;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set to true to ask the agent to leave and exit.
     pub leave: watch::Sender<bool>,
+    /// For `POST /v1/reload`; `None` when the data plane is off.
+    pub dataplane: Option<Arc<DataPlane>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -45,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/route/{service}", get(route))
         .route("/v1/events", get(watch_events).post(fire_event))
         .route("/v1/keys", get(keys).post(change_keys))
+        .route("/v1/reload", post(reload))
         .route("/v1/leave", post(leave))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -215,6 +219,17 @@ async fn change_keys(State(s): State<AdminState>, body: axum::body::Bytes) -> Re
         Err(e) => return error(StatusCode::CONFLICT, e.to_string()),
     };
     Json(crate::keys::run(&s.membership, s.snapshots.clone(), op, wait).await).into_response()
+}
+
+async fn reload(State(s): State<AdminState>) -> Response {
+    let Some(dp) = &s.dataplane else {
+        return error(StatusCode::CONFLICT, "the data plane is off (no [security] certificates): nothing to reload");
+    };
+    match dp.reload_files().await {
+        Ok(done) => Json(done).into_response(),
+        Err(e @ ReloadError::InMemory) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ ReloadError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
 }
 
 async fn leave(State(s): State<AdminState>) -> Response {

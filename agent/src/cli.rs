@@ -31,6 +31,9 @@ pub enum Command {
     Event(EventCommand),
     /// Leave the cluster gracefully: announce, drain, exit.
     Leave(ClientArgs),
+    /// Read the `[security]` CA, certificate and key files again (as SIGHUP does): new
+    /// connections use them, and open ones whose peer the CAs no longer vouch for are closed.
+    Reload(ClientArgs),
     /// Print a new cluster key (base64, 32 bytes) for `cluster_key_file`.
     Keygen,
     /// Rotate the gossip keyring of a running cluster: install, use, remove (as `serf keys`).

@@ -1,5 +1,6 @@
-//! The client commands (`status`, `members`, `services`, `route`, `event`, `keys`, `leave`): they ask a
-//! running agent's admin API and print a table, or the JSON document with `--json`.
+//! The client commands (`status`, `members`, `services`, `route`, `event`, `keys`, `leave`,
+//! `reload`): they ask a running agent's admin API and print a table, or the JSON document with
+//! `--json`.
 
 use std::fmt::Write as _;
 
@@ -12,6 +13,7 @@ use crate::cli::{ClientArgs, KeyArgs};
 use crate::cluster::routing::Route;
 use crate::cluster::snapshot::MemberView;
 use crate::config::{DEFAULT_ADMIN_ADDR, Env};
+use crate::dataplane::Reloaded;
 use crate::membership::keyring::KeyAction;
 
 /// A failure the user must see: printed as is, exit code 1.
@@ -498,6 +500,24 @@ pub async fn leave(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
     let client = AdminClient::new(args, env);
     let _: serde_json::Value = client.post("/v1/leave", &serde_json::json!({})).await?;
     println!("the agent at {} is leaving the cluster", client.addr);
+    Ok(())
+}
+
+/// `agent reload`.
+pub async fn reload(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    let client = AdminClient::new(args, env);
+    let done: Reloaded = client.post("/v1/reload", &serde_json::json!({})).await?;
+    if args.json {
+        print_json(&done);
+        return Ok(());
+    }
+    let cas = if done.cas == 1 { "1 CA".to_string() } else { format!("{} CAs", done.cas) };
+    let closed = match done.closed {
+        0 => String::new(),
+        1 => "; closed 1 connection whose peer's certificate it no longer trusts".into(),
+        n => format!("; closed {n} connections whose peers' certificates it no longer trusts"),
+    };
+    println!("the agent at {} reloaded its certificates: it trusts {cas}{closed}", client.addr);
     Ok(())
 }
 

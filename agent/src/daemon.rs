@@ -73,11 +73,14 @@ fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>
             return Ok(Some(ca.credentials_for(node_id).context("issuing a dev certificate")?));
         }
         (None, None, None) => return Ok(None),
-        (Some(ca), Some(cert), Some(key)) => pki::load_credentials(ca, cert, key).map_err(|e| ConfigError {
-            setting: "cert_file".into(),
-            value: cert.display().to_string(),
-            allowed: format!("PEM files from `agent ca init` and `agent cert issue` ({e:#})"),
-        })?,
+        (Some(ca), Some(cert), Some(key)) => {
+            let files = pki::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
+            pki::load_credentials(&files).map_err(|e| ConfigError {
+                setting: "cert_file".into(),
+                value: cert.display().to_string(),
+                allowed: format!("PEM files from `agent ca init` and `agent cert issue` ({e:#})"),
+            })?
+        }
         _ => {
             return Err(ConfigError {
                 setting: "ca_file".into(),
@@ -87,11 +90,12 @@ fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>
             .into());
         }
     };
-    if !tls::names_node(&creds.identity.chain[0], node_id) {
+    if let Err(e) = tls::Trust::new(&creds, node_id) {
+        let file = if e.setting() == "ca_file" { &s.ca_file } else { &s.cert_file };
         return Err(ConfigError {
-            setting: "cert_file".into(),
-            value: s.cert_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            allowed: format!("a certificate naming this node's id {node_id:?} (`agent cert issue --node {node_id}`)"),
+            setting: e.setting().into(),
+            value: file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            allowed: e.to_string(),
         }
         .into());
     }
@@ -305,6 +309,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         })
     };
     let checks = tokio::spawn(crate::health::supervise(services.clone(), metrics.clone()));
+    background.push(tokio::spawn(reload_on_hangup(dataplane.clone())));
 
     let (leave_tx, mut leave_rx) = watch::channel(false);
     let (stop_admin_tx, mut stop_admin_rx) = watch::channel(false);
@@ -315,6 +320,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         services: services.clone(),
         metrics,
         leave: leave_tx,
+        dataplane: dataplane.clone(),
     };
     let dns_handler = crate::dns::Handler::new(membership.snapshots(), upstream_addrs, admin_state.metrics.clone());
     background.push(tokio::spawn(crate::dns::serve(dns_udp, dns_tcp, dns_handler)));
@@ -368,6 +374,29 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_task).await;
     tracing::info!("left the cluster; exiting");
     Ok(())
+}
+
+/// SIGHUP reads the `[security]` files again (as `agent reload` does). Without the handler a
+/// SIGHUP would end the agent with no drain.
+async fn reload_on_hangup(dataplane: Option<Arc<DataPlane>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match &dataplane {
+            None => tracing::warn!("SIGHUP: the data plane is off, so there are no certificates to reload"),
+            Some(dp) => {
+                if let Err(e) = dp.reload_files().await {
+                    tracing::error!(error = %e, "SIGHUP: reloading the certificates failed");
+                }
+            }
+        }
+    }
 }
 
 async fn wait_for_stop(leave: &mut watch::Receiver<bool>) -> &'static str {

@@ -142,6 +142,7 @@ fn client_command(command: Command) -> ExitCode {
             }
             Command::Event(EventCommand::Watch { name, client: a }) => client::watch(name.as_deref(), a, &env).await,
             Command::Leave(a) => client::leave(a, &env).await,
+            Command::Reload(a) => client::reload(a, &env).await,
             Command::Keys(KeysCommand::List(a)) => client::keys_list(a, &env).await,
             Command::Keys(KeysCommand::Install(k)) => {
                 client::keys_change(KeyAction::Install, k, &env, &mut std::io::stdin().lock()).await

@@ -48,7 +48,7 @@ async fn echo_app() -> u16 {
 struct Setup {
     server_addr: SocketAddr,
     metrics: Arc<Metrics>,
-    _dp: Arc<DataPlane>,
+    dp: Arc<DataPlane>,
 }
 
 /// A data plane named "server" fronting "echo", whose view lists `listed` at `client_addr`.
@@ -71,7 +71,7 @@ async fn server(ca: &Ca, listed: &str, client_addr: SocketAddr) -> Setup {
     let creds = ca.credentials_for("server").unwrap();
     let dp = DataPlane::start(socket, &creds, "server", rx, services, metrics.clone(), None).unwrap();
     tokio::spawn(dp.clone().serve());
-    Setup { server_addr, metrics, _dp: dp }
+    Setup { server_addr, metrics, dp }
 }
 
 fn client(creds: &NodeCredentials) -> quinn::Endpoint {
@@ -205,4 +205,111 @@ async fn a_peer_may_hold_open_more_streams_than_its_first_credit() {
         tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut back)).await.unwrap().unwrap();
         assert_eq!(&back, b"ping", "stream {i}");
     }
+}
+
+fn echo_header() -> StreamHeader {
+    StreamHeader {
+        version: header::VERSION,
+        service: "echo".into(),
+        target: "server".into(),
+        affinity_key: None,
+        client_addr: None,
+    }
+}
+
+/// A connection to the server presenting `creds`, or None if the handshake fails (under TLS 1.3
+/// a refused client may only learn it on first use, which [`echoes`] then reports).
+async fn connect(ep: &quinn::Endpoint, addr: SocketAddr, creds: &NodeCredentials) -> Option<quinn::Connection> {
+    let connecting = ep.connect_with(tls::client_config(creds).unwrap(), addr, "server").ok()?;
+    tokio::time::timeout(Duration::from_secs(5), connecting).await.ok()?.ok()
+}
+
+/// Whether a new stream for "echo" on `conn` is accepted and carries bytes there and back.
+async fn echoes(conn: &quinn::Connection) -> bool {
+    let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(Duration::from_secs(5), conn.open_bi()).await else {
+        return false;
+    };
+    if header::write_header(&mut send, &echo_header()).await.is_err()
+        || answer(&mut recv).await != Some(Answer::Accepted)
+    {
+        return false;
+    }
+    let mut back = [0u8; 4];
+    send.write_all(b"ping").await.is_ok()
+        && tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut back)).await.is_ok_and(|r| r.is_ok())
+        && &back == b"ping"
+}
+
+/// Credentials for `node` from `issuer`, trusting `cas`.
+fn creds(issuer: &Ca, node: &str, cas: &[&Ca]) -> NodeCredentials {
+    let mut c = issuer.credentials_for(node).unwrap();
+    c.cas = cas.iter().map(|ca| ca.credentials_for("x").unwrap().cas[0].clone()).collect();
+    c
+}
+
+#[tokio::test]
+async fn a_reload_swaps_the_ca_and_closes_the_connections_it_no_longer_vouches_for() {
+    let (old, new) = (Ca::generate("old").unwrap(), Ca::generate("new").unwrap());
+    // One client endpoint (the address membership lists for "client"), presenting one
+    // certificate or another in each handshake.
+    let (on_old, on_new) = (creds(&old, "client", &[&old, &new]), creds(&new, "client", &[&old, &new]));
+    let ep = client(&on_old);
+    let s = server(&old, "client", ep.local_addr().unwrap()).await;
+    let under_old = connect(&ep, s.server_addr, &on_old).await.expect("handshake under the old CA");
+    assert!(echoes(&under_old).await);
+    let refused = connect(&ep, s.server_addr, &on_new).await;
+    assert!(!matches!(refused, Some(c) if echoes(&c).await), "a certificate from a CA not yet trusted got in");
+
+    // Step 1: every node trusts both CAs. Nothing open is closed.
+    let done = s.dp.reload(&creds(&old, "server", &[&old, &new])).await.unwrap();
+    assert_eq!((done.cas, done.closed), (2, 0));
+    assert!(echoes(&under_old).await, "a connection both bundles vouch for stays open");
+    // Step 2 (on the client): its certificate from the new CA is let in.
+    let under_new = connect(&ep, s.server_addr, &on_new).await.expect("handshake with a new-CA certificate");
+    assert!(echoes(&under_new).await, "a certificate from the second CA of the bundle is accepted");
+
+    // Step 3: the old CA is dropped (the server's own certificate is from the new one now).
+    let done = s.dp.reload(&creds(&new, "server", &[&new])).await.unwrap();
+    assert_eq!((done.cas, done.closed), (1, 1), "the connection made with the old-CA certificate is closed");
+    let reason = tokio::time::timeout(Duration::from_secs(5), under_old.closed()).await.unwrap();
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if u64::from(c.error_code) == 2),
+        "{reason:?}"
+    );
+    assert!(s.metrics.render().contains("reason=\"untrusted\"} 1"), "the close is counted");
+    assert!(echoes(&under_new).await, "the new-CA connection carries on");
+    // The old-CA certificate cannot come back.
+    let again = connect(&ep, s.server_addr, &on_old).await;
+    assert!(!matches!(again, Some(c) if echoes(&c).await), "an old-CA certificate got back in");
+}
+
+#[tokio::test]
+async fn a_reload_that_would_cut_the_node_off_is_refused_and_changes_nothing() {
+    let (ca, other) = (Ca::generate("t").unwrap(), Ca::generate("other").unwrap());
+    let mine = creds(&ca, "client", &[&ca]);
+    let ep = client(&mine);
+    let s = server(&ca, "client", ep.local_addr().unwrap()).await;
+    let conn = connect(&ep, s.server_addr, &mine).await.unwrap();
+    assert!(echoes(&conn).await);
+
+    let refused = |r: Result<_, grapevine_agent::dataplane::ReloadError>| match r {
+        Ok(done) => panic!("reloaded: {done:?}"),
+        Err(e) => e.to_string(),
+    };
+    // Its own certificate is from a CA the new bundle lacks: every peer would refuse it.
+    let why = refused(s.dp.reload(&creds(&ca, "server", &[&other])).await);
+    assert!(why.contains("not signed by a CA in ca_file"), "{why}");
+    // A certificate for another node.
+    let why = refused(s.dp.reload(&creds(&ca, "someone-else", &[&ca])).await);
+    assert!(why.contains("does not name this node"), "{why}");
+    // A key that is not the certificate's.
+    let mut mismatched = creds(&ca, "server", &[&ca]);
+    mismatched.identity.key = ca.credentials_for("server").unwrap().identity.key;
+    let why = refused(s.dp.reload(&mismatched).await);
+    assert!(why.contains("do not match"), "{why}");
+
+    assert!(echoes(&conn).await, "the open connection is untouched");
+    let fresh = connect(&ep, s.server_addr, &mine).await.unwrap();
+    assert!(echoes(&fresh).await, "new handshakes still use the old credentials");
+    assert!(!s.metrics.render().contains("reason=\"untrusted\""));
 }

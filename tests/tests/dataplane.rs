@@ -416,3 +416,94 @@ fn an_app_finds_services_and_its_upstream_port_by_dns() {
     });
     assert!(a.metric("grapevine_dns_queries_total", "kind=\"answered\"") >= 3.0);
 }
+
+#[test]
+fn certificates_rotate_to_a_new_ca_on_a_running_cluster() {
+    let cluster = Cluster::new();
+    let app = Backend::start("app");
+    let port = free_port();
+    let a = cluster.start(AgentOpts::new("a", "eu").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
+    let b = cluster.start(AgentOpts::new("b", "eu").join(a.gossip).service(&format!("web={}", app.port())));
+    wait_until("a sees b's instance", CONVERGE, || healthy(&a, "web") == 1);
+    let works = || http(addr(port), "GET", "/", &[], b"").is_ok_and(|(s, _, body)| s == 200 && body == b"app");
+    assert!(works());
+
+    let pki = &cluster.pki;
+    let new = cluster.dir.path().join("new-pki");
+    let path = |dir: &std::path::Path, f: &str| dir.join(f).to_str().unwrap().to_string();
+    assert!(cluster.agent_cmd(&["ca", "init", "--out", &path(&new, "")]).status.success());
+    for node in ["a", "b"] {
+        let out =
+            cluster.agent_cmd(&["cert", "issue", "--ca", &path(&new, ""), "--node", node, "--out", &path(&new, "")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |dir: &std::path::Path, f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let (old_ca, new_ca) = (read(pki, "ca.pem"), read(&new, "ca.pem"));
+    let reload = |agent: &Agent| {
+        let out = cluster.agent_cmd(&["reload", "--json", "--admin-addr", &agent.admin.to_string()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let hup_reloads = |agent: &Agent| agent.log_text().matches("reloaded the certificates").count();
+    let sighup = |agent: &Agent| {
+        let before = hup_reloads(agent);
+        assert!(
+            std::process::Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status().unwrap().success()
+        );
+        wait_until("the agent reloads on SIGHUP", CONVERGE, || hup_reloads(agent) > before);
+    };
+
+    // A certificate from a CA the agent does not trust yet is refused, and nothing changes.
+    let old_a = (read(pki, "a.pem"), read(pki, "a.key"));
+    std::fs::write(pki.join("a.pem"), read(&new, "a.pem")).unwrap();
+    std::fs::write(pki.join("a.key"), read(&new, "a.key")).unwrap();
+    let (code, text) = reload(&a);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("kept the certificates in use") && text.contains("not signed by a CA in ca_file"), "{text}");
+    std::fs::write(pki.join("a.pem"), &old_a.0).unwrap();
+    std::fs::write(pki.join("a.key"), &old_a.1).unwrap();
+    assert!(works());
+
+    // 1. Every agent trusts both CAs (`agent reload` on a, SIGHUP on b).
+    std::fs::write(pki.join("ca.pem"), format!("{old_ca}{new_ca}")).unwrap();
+    let (code, text) = reload(&a);
+    assert_eq!(code, Some(0), "{text}");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((doc["cas"].as_u64(), doc["closed"].as_u64()), (Some(2), Some(0)), "{text}");
+    sighup(&b);
+    assert!(works());
+    // 2. Every agent gets a certificate from the new CA.
+    for node in ["a", "b"] {
+        for ext in ["pem", "key"] {
+            std::fs::write(pki.join(format!("{node}.{ext}")), read(&new, &format!("{node}.{ext}"))).unwrap();
+        }
+    }
+    assert_eq!(reload(&a).0, Some(0));
+    sighup(&b);
+    assert!(works());
+    // 3. The old CA goes. a's connection to b was made with b's old certificate: a closes it,
+    // and the next request dials b again under the new CA.
+    std::fs::write(pki.join("ca.pem"), &new_ca).unwrap();
+    let (code, text) = reload(&a);
+    assert_eq!(code, Some(0), "{text}");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((doc["cas"].as_u64(), doc["closed"].as_u64()), (Some(1), Some(1)), "{text}");
+    sighup(&b);
+    wait_until("requests flow under the new CA", CONVERGE, works);
+    assert!(a.metric("grapevine_dataplane_peers_refused_total", "untrusted") >= 1.0);
+
+    // An agent still on the old CA is refused.
+    let old_pki = cluster.dir.path().join("old-pki");
+    std::fs::create_dir_all(&old_pki).unwrap();
+    std::fs::write(old_pki.join("ca.pem"), &old_ca).unwrap();
+    std::fs::copy(pki.join("ca.key"), old_pki.join("ca.key")).unwrap();
+    let stale_app = Backend::start("stale-app");
+    let mut opts = AgentOpts::new("stale", "eu").join(a.gossip).service(&format!("web={}", stale_app.port()));
+    opts.pki = Some(old_pki);
+    let _stale = cluster.start(opts);
+    wait_until("a sees the stale agent's instance", CONVERGE, || healthy(&a, "web") == 2);
+    for _ in 0..10 {
+        let (status, _, body) = http(addr(port), "GET", "/", &[], b"").unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"app"[..]), "a request reached the stale agent's app");
+    }
+}

@@ -307,6 +307,32 @@ fn bad_configuration_exits_2_naming_the_setting() {
     let out = cluster.agent_cmd(&["run", "--dev", "--gossip-addr", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gossip_addr"));
+    // A certificate from a CA that ca_file does not hold: every peer would refuse it.
+    let other = cluster.dir.path().join("other-pki");
+    let other = other.to_str().unwrap();
+    assert!(cluster.agent_cmd(&["ca", "init", "--out", other]).status.success());
+    assert!(cluster.agent_cmd(&["cert", "issue", "--ca", other, "--node", "n1", "--out", other]).status.success());
+    let key = cluster.key_file.to_str().unwrap();
+    let ca = cluster.pki.join("ca.pem");
+    let (cert, node_key) = (format!("{other}/n1.pem"), format!("{other}/n1.key"));
+    let out = cluster.agent_cmd(&[
+        "run",
+        "--region",
+        "eu",
+        "--node-id",
+        "n1",
+        "--cluster-key-file",
+        key,
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--cert-file",
+        &cert,
+        "--key-file",
+        &node_key,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cert_file") && err.contains("not signed by a CA in ca_file"), "{err}");
 }
 
 #[test]

@@ -269,6 +269,35 @@ impl Drop for StreamSlot {
     }
 }
 
+/// A peer's part in a connection's handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// It connected to us.
+    Client,
+    /// We connected to it.
+    Server,
+}
+
+/// A connection a peer opened to us, listed in `DataPlane::inbound` while it is served.
+struct Inbound<'a> {
+    dp: &'a DataPlane,
+    id: usize,
+}
+
+impl<'a> Inbound<'a> {
+    fn list(dp: &'a DataPlane, conn: &quinn::Connection, peer: &str) -> Inbound<'a> {
+        let id = conn.stable_id();
+        dp.inbound.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (peer.to_string(), conn.clone()));
+        Inbound { dp, id }
+    }
+}
+
+impl Drop for Inbound<'_> {
+    fn drop(&mut self) {
+        self.dp.inbound.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
 /// The QUIC endpoint and everything that forwards through it.
 pub struct DataPlane {
     pub endpoint: quinn::Endpoint,
@@ -284,6 +313,37 @@ pub struct DataPlane {
     draining: AtomicBool,
     /// Closes forwarded connections that carry nothing for this long (`idle_timeout`).
     pub idle: Option<Arc<splice::IdleLimit>>,
+    /// The TLS new handshakes use; replaced by [`DataPlane::reload`].
+    trust: Mutex<Arc<tls::Trust>>,
+    /// Bumped by every reload: a connection whose handshake began under an older trust is
+    /// checked again under the new one.
+    trust_epoch: AtomicU64,
+    /// Where the credentials came from; `None` when made in memory (`--dev`).
+    files: Option<pki::TlsFiles>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// Connections peers opened to us, by `stable_id`, with the peer's node id: what a reload
+    /// checks again (the ones we opened are in `peers`).
+    inbound: Mutex<HashMap<usize, (String, quinn::Connection)>>,
+}
+
+/// Why a reload kept the credentials in use.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// Nothing to read: the credentials were made in memory.
+    #[error("this agent's certificates were made in memory (--dev): there are no files to reload")]
+    InMemory,
+    #[error("kept the certificates in use: {0}")]
+    Invalid(String),
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reloaded {
+    /// CAs now trusted.
+    pub cas: usize,
+    /// Open connections closed because the peer's certificate is no longer trusted.
+    pub closed: usize,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -329,10 +389,10 @@ impl DataPlane {
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<Arc<DataPlane>> {
         let runtime = Arc::new(udp::ReadOnlyRegistration);
-        let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(tls::server_config(creds)?), socket, runtime)
+        let trust = Arc::new(tls::Trust::new(creds, node_id)?);
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(trust.server.clone()), socket, runtime)
                 .context("starting the QUIC endpoint")?;
-        endpoint.set_default_client_config(tls::client_config(creds)?);
         let idle = idle_timeout.map(|after| Arc::new(splice::IdleLimit { after, closed: metrics.idle_closed.clone() }));
         Ok(Arc::new(DataPlane {
             endpoint,
@@ -345,6 +405,11 @@ impl DataPlane {
             active: Arc::new(ActiveConnections::default()),
             draining: AtomicBool::new(false),
             idle,
+            trust: Mutex::new(trust),
+            trust_epoch: AtomicU64::new(0),
+            files: creds.files.clone(),
+            reloading: tokio::sync::Mutex::new(()),
+            inbound: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -375,6 +440,7 @@ impl DataPlane {
             let dp = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
+                let epoch = dp.trust_epoch.load(Ordering::Acquire);
                 let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
@@ -393,6 +459,12 @@ impl DataPlane {
                     conn.close(1u32.into(), b"certificate does not name the member at this address");
                     return;
                 };
+                let _listed = Inbound::list(&dp, &conn, &peer);
+                // A reload that ran during the handshake did not see this connection.
+                if dp.trust_epoch.load(Ordering::Acquire) != epoch && !dp.still_trusted(&conn, &peer, Role::Client) {
+                    dp.untrusted(&conn, &peer);
+                    return;
+                }
                 dp.accept_streams(conn, peer).await;
             });
         }
@@ -638,7 +710,9 @@ impl DataPlane {
                 slot.backoff.failures
             ));
         }
-        let result = match self.endpoint.connect(addr, node) {
+        let epoch = self.trust_epoch.load(Ordering::Acquire);
+        let client = self.trust.lock().unwrap_or_else(|e| e.into_inner()).client.clone();
+        let result = match self.endpoint.connect_with(client, addr, node) {
             Err(e) => Err(format!("connect: {e}")),
             Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
                 Ok(Ok(c)) => Ok(c),
@@ -656,6 +730,15 @@ impl DataPlane {
                 Err(_) => Err("QUIC handshake timed out".into()),
             },
         };
+        // A reload that ran during the handshake: it waited for this slot, but the connection
+        // was not in it yet.
+        let result = result.and_then(|conn| {
+            if self.trust_epoch.load(Ordering::Acquire) != epoch && !self.still_trusted(&conn, node, Role::Server) {
+                self.untrusted(&conn, node);
+                return Err("its certificate is no longer trusted".to_string());
+            }
+            Ok(conn)
+        });
         match result {
             Ok(conn) => {
                 slot.backoff = DialBackoff::default();
@@ -667,6 +750,66 @@ impl DataPlane {
                 Err(e)
             }
         }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Reloading certificates.
+
+    /// Reads the `[security]` files again and reloads them (SIGHUP, `agent reload`).
+    pub async fn reload_files(&self) -> Result<Reloaded, ReloadError> {
+        let files = self.files.as_ref().ok_or(ReloadError::InMemory)?;
+        let creds = pki::load_credentials(files).map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
+        self.reload(&creds).await
+    }
+
+    /// Replaces the credentials: new handshakes present the new certificate and trust the new
+    /// CAs at once, and every open connection whose peer's certificate the new CAs do not vouch
+    /// for is closed (its peer must dial again, and is refused if its certificate still fails).
+    /// Credentials that would cut this node off are refused and the old ones kept.
+    pub async fn reload(&self, creds: &pki::NodeCredentials) -> Result<Reloaded, ReloadError> {
+        let _one = self.reloading.lock().await;
+        let trust = Arc::new(tls::Trust::new(creds, &self.node_id).map_err(|e| ReloadError::Invalid(e.to_string()))?);
+        self.endpoint.set_server_config(Some(trust.server.clone()));
+        *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust.clone();
+        self.trust_epoch.fetch_add(1, Ordering::AcqRel);
+        let mut closed = 0;
+        let inbound: Vec<(String, quinn::Connection)> =
+            self.inbound.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for (peer, conn) in inbound {
+            if !self.still_trusted(&conn, &peer, Role::Client) {
+                self.untrusted(&conn, &peer);
+                closed += 1;
+            }
+        }
+        let slots: Vec<(String, Arc<tokio::sync::Mutex<PeerSlot>>)> =
+            self.peers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        for (node, slot) in slots {
+            // Waits out a handshake in progress (at most HANDSHAKE_TIMEOUT).
+            let mut slot = slot.lock().await;
+            if let Some(conn) = slot.conn.take_if(|c| !self.still_trusted(c, &node, Role::Server)) {
+                self.untrusted(&conn, &node);
+                closed += 1;
+            }
+        }
+        tracing::info!(cas = trust.cas, closed, "reloaded the certificates");
+        Ok(Reloaded { cas: trust.cas, closed })
+    }
+
+    /// Whether the current CAs vouch for the certificate `conn`'s peer presented; `role` is the
+    /// peer's part in the handshake.
+    fn still_trusted(&self, conn: &quinn::Connection, peer: &str, role: Role) -> bool {
+        let Some(chain) = tls::peer_chain(conn) else { return false };
+        let trust = self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match role {
+            Role::Client => trust.trusts_client(&chain),
+            Role::Server => trust.trusts_server(&chain, peer),
+        }
+    }
+
+    fn untrusted(&self, conn: &quinn::Connection, peer: &str) {
+        self.metrics.refused("untrusted");
+        tracing::warn!(peer, remote = %conn.remote_address(), "closed a connection: the peer's certificate is no longer trusted");
+        conn.close(2u32.into(), b"certificate no longer trusted");
     }
 
     fn is_ejected(&self, service: &str, node: &str) -> bool {

@@ -4,7 +4,7 @@
 //! `agent ca init --out DIR` writes `DIR/ca.pem` and `DIR/ca.key`; `agent cert issue --ca DIR
 //! --node ID --out DIR` writes `DIR/ID.pem` and `DIR/ID.key`. `--dev` makes both in memory.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use rcgen::{
@@ -26,11 +26,24 @@ impl Clone for Identity {
     }
 }
 
-/// What a node needs for mutual TLS: the cluster CA and its own identity.
+/// What a node needs for mutual TLS: the cluster CAs it trusts and its own identity.
 #[derive(Debug, Clone)]
 pub struct NodeCredentials {
-    pub ca: CertificateDer<'static>,
+    /// Every certificate in `ca_file`: one CA, or the old and the new one while the cluster's
+    /// CA is replaced (README, "Rotating certificates").
+    pub cas: Vec<CertificateDer<'static>>,
     pub identity: Identity,
+    /// The files they were read from (and are read again from on reload); `None` when made
+    /// in memory.
+    pub files: Option<TlsFiles>,
+}
+
+/// The `[security]` files: `ca_file`, `cert_file`, `key_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A CA: its certificate (PEM) and key (PEM).
@@ -92,7 +105,12 @@ impl Ca {
 
 /// Parses PEM text into credentials.
 pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeCredentials> {
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).context("the CA file holds no PEM certificate")?;
+    let cas = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the CA file holds no valid PEM certificate")?;
+    if cas.is_empty() {
+        anyhow::bail!("the CA file holds no PEM certificate");
+    }
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("the certificate file holds no valid PEM certificate")?;
@@ -100,13 +118,14 @@ pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyh
         anyhow::bail!("the certificate file holds no PEM certificate");
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the key file holds no PEM private key")?;
-    Ok(NodeCredentials { ca, identity: Identity { chain, key } })
+    Ok(NodeCredentials { cas, identity: Identity { chain, key }, files: None })
 }
 
 /// Reads the `[security]` files.
-pub fn load_credentials(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<NodeCredentials> {
+pub fn load_credentials(files: &TlsFiles) -> anyhow::Result<NodeCredentials> {
     let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    credentials_from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+    let creds = credentials_from_pem(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?)?;
+    Ok(NodeCredentials { files: Some(files.clone()), ..creds })
 }
 
 /// Writes a file readable by its owner only.
@@ -150,10 +169,30 @@ mod tests {
         ca_init(dir.path(), "prod").unwrap();
         assert!(ca_init(dir.path(), "prod").is_err(), "never overwrites a CA");
         cert_issue(dir.path(), "web-1", dir.path()).unwrap();
-        let creds =
-            load_credentials(&dir.path().join("ca.pem"), &dir.path().join("web-1.pem"), &dir.path().join("web-1.key"))
-                .unwrap();
+        let files = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("web-1.pem"),
+            key: dir.path().join("web-1.key"),
+        };
+        let creds = load_credentials(&files).unwrap();
+        assert_eq!(creds.files, Some(files), "kept for reloading");
         assert_eq!(creds.identity.chain.len(), 1);
         assert!(Ca::load(dir.path()).unwrap().issue("bad id!").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_may_hold_several_cas_and_must_hold_one() {
+        let (old, new) = (Ca::generate("old").unwrap(), Ca::generate("new").unwrap());
+        let (cert, key) = new.issue("web-1").unwrap();
+        let bundle = format!("{}{}", old.cert_pem, new.cert_pem);
+        let creds = credentials_from_pem(&bundle, &cert, &key).unwrap();
+        assert_eq!(creds.cas.len(), 2, "every certificate of the bundle is trusted, not only the first");
+        assert!(super::super::tls::Trust::new(&creds, "web-1").is_ok(), "a certificate from the second CA is good");
+        let only_old = credentials_from_pem(&old.cert_pem, &cert, &key).unwrap();
+        let err = super::super::tls::Trust::new(&only_old, "web-1").unwrap_err();
+        assert_eq!(err.setting(), "cert_file");
+        assert!(err.to_string().contains("not signed by a CA in ca_file"), "{err}");
+        assert!(credentials_from_pem("", &cert, &key).is_err(), "an empty CA file");
+        assert!(credentials_from_pem(&key, &cert, &key).is_err(), "a key where the CA should be");
     }
 }

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 
 use super::pki::NodeCredentials;
 
@@ -23,10 +25,100 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn roots(creds: &NodeCredentials) -> anyhow::Result<Arc<RootCertStore>> {
+fn roots(creds: &NodeCredentials) -> Result<Arc<RootCertStore>, TrustError> {
     let mut roots = RootCertStore::empty();
-    roots.add(creds.ca.clone()).context("the cluster CA certificate is not a valid trust anchor")?;
+    for (i, ca) in creds.cas.iter().enumerate() {
+        roots.add(ca.clone()).map_err(|e| {
+            TrustError::Ca(format!("certificate {} of {} is not a valid trust anchor ({e})", i + 1, creds.cas.len()))
+        })?;
+    }
     Ok(Arc::new(roots))
+}
+
+/// Why a set of credentials cannot be used: it is refused before anything binds (at start) or
+/// before it replaces what is in use (on reload).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// The CA file: the setting is `ca_file`.
+    #[error("{0}")]
+    Ca(String),
+    /// The certificate or its key: the setting is `cert_file`.
+    #[error("{0}")]
+    Identity(String),
+}
+
+impl TrustError {
+    pub fn setting(&self) -> &'static str {
+        match self {
+            TrustError::Ca(_) => "ca_file",
+            TrustError::Identity(_) => "cert_file",
+        }
+    }
+}
+
+/// The endpoint's TLS, made from one set of credentials: the configurations new handshakes use,
+/// and the verifiers that check a peer's certificate against the cluster CAs. rustls runs them
+/// in each handshake; [`Trust::trusts_client`] and [`Trust::trusts_server`] run them again on
+/// connections made before the CAs changed.
+#[derive(Clone)]
+pub struct Trust {
+    pub server: quinn::ServerConfig,
+    pub client: quinn::ClientConfig,
+    /// How many CAs `ca_file` holds.
+    pub cas: usize,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust").field("cas", &self.cas).finish_non_exhaustive()
+    }
+}
+
+impl Trust {
+    /// Refuses credentials that would cut this node off: a key that does not match the
+    /// certificate, a certificate that does not name `node_id`, or one that no CA in the
+    /// bundle signed (peers holding the same bundle would refuse it).
+    pub fn new(creds: &NodeCredentials, node_id: &str) -> Result<Trust, TrustError> {
+        let roots = roots(creds)?;
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TrustError::Ca(format!("building the client-certificate verifier: {e}")))?;
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TrustError::Ca(format!("building the server-certificate verifier: {e}")))?;
+        let chain = &creds.identity.chain;
+        if !names_node(&chain[0], node_id) {
+            return Err(TrustError::Identity(format!(
+                "the certificate does not name this node's id {node_id:?} (`agent cert issue --node {node_id}`)"
+            )));
+        }
+        let trust_check = |e: rustls::Error| {
+            TrustError::Identity(format!(
+                "the certificate is not signed by a CA in ca_file, so peers would refuse it ({e}); \
+                 issue it with `agent cert issue --ca DIR`, or add its CA to ca_file"
+            ))
+        };
+        client_verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()).map_err(trust_check)?;
+        let server = server_config(creds, client_verifier.clone())?;
+        let client = client_config_with(creds, roots)?;
+        Ok(Trust { server, client, cas: creds.cas.len(), client_verifier, server_verifier })
+    }
+
+    /// Whether a peer that connected to us presented a certificate the CAs still vouch for.
+    pub fn trusts_client(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((ee, rest)) = chain.split_first() else { return false };
+        self.client_verifier.verify_client_cert(ee, rest, UnixTime::now()).is_ok()
+    }
+
+    /// Whether a peer we connected to, as `node`, presented a certificate the CAs still vouch for.
+    pub fn trusts_server(&self, chain: &[CertificateDer<'_>], node: &str) -> bool {
+        let (Some((ee, rest)), Ok(name)) = (chain.split_first(), ServerName::try_from(node.to_string())) else {
+            return false;
+        };
+        self.server_verifier.verify_server_cert(ee, rest, &name, &[], UnixTime::now()).is_ok()
+    }
 }
 
 /// Streams a peer may open at first. quinn sets aside state for every stream a peer may open
@@ -60,30 +152,42 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-pub fn server_config(creds: &NodeCredentials) -> anyhow::Result<quinn::ServerConfig> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider())
-        .build()
-        .context("building the client-certificate verifier")?;
+fn server_config(
+    creds: &NodeCredentials,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<quinn::ServerConfig, TrustError> {
+    let key_error = |e: rustls::Error| TrustError::Identity(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TrustError::Ca(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.identity.chain.clone(), creds.identity.key.clone_key())
-        .context("the node certificate and key do not match")?;
+        .map_err(key_error)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| TrustError::Identity(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
 }
 
-pub fn client_config(creds: &NodeCredentials) -> anyhow::Result<quinn::ClientConfig> {
+/// A client configuration for `creds` without the checks of [`Trust::new`]: for a test that
+/// plays a peer presenting what no agent would.
+pub fn client_config(creds: &NodeCredentials) -> Result<quinn::ClientConfig, TrustError> {
+    client_config_with(creds, roots(creds)?)
+}
+
+fn client_config_with(creds: &NodeCredentials, roots: Arc<RootCertStore>) -> Result<quinn::ClientConfig, TrustError> {
+    let key_error = |e: rustls::Error| TrustError::Identity(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(creds)?)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TrustError::Ca(e.to_string()))?
+        .with_root_certificates(roots)
         .with_client_auth_cert(creds.identity.chain.clone(), creds.identity.key.clone_key())
-        .context("the node certificate and key do not match")?;
+        .map_err(key_error)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| TrustError::Identity(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
     Ok(config)
 }
