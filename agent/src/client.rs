@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::api::{EndpointDoc, ErrorDoc, FireRequest, KeyOpDoc, KeyRequest, KeysDoc, ServiceDoc, StatusDoc};
 use crate::cli::{ClientArgs, KeyArgs};
 use crate::cluster::routing::Route;
-use crate::cluster::snapshot::MemberView;
+use crate::cluster::snapshot::{MemberState, MemberView};
 use crate::config::{DEFAULT_ADMIN_ADDR, Env};
 use crate::dataplane::Reloaded;
 use crate::membership::keyring::KeyAction;
@@ -136,8 +136,16 @@ pub fn render_status(s: &StatusDoc) -> String {
             Some(info) => {
                 let gateways =
                     if info.gateways.is_empty() { "none known".to_string() } else { info.gateways.join(", ") };
+                let gone = s
+                    .members
+                    .iter()
+                    .filter(|m| &m.region == region)
+                    .all(|m| matches!(m.state, MemberState::Left | MemberState::Dead));
                 let reach = if region == &n.region {
                     "this region"
+                } else if gone {
+                    // Nobody is left to be heard from: that is not a cut.
+                    "every member left or dead"
                 } else if info.reachable {
                     "reachable"
                 } else {

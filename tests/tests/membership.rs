@@ -72,6 +72,30 @@ fn five_agents_converge_then_see_a_crash_and_a_leave() {
 }
 
 #[test]
+fn the_last_member_of_a_region_leaving_shows_as_left_in_the_others() {
+    let cluster = Cluster::new();
+    let mut agents = cluster.start_many("e", "eu", 2, None);
+    let seed = agents[0].gossip;
+    agents.extend(cluster.start_many("a", "ap", 1, Some(seed)));
+    wait_until("all three see three alive", CONVERGE, || all_alive(&agents, 3));
+    // a1 is its region's only member, so its own gateway: nobody else can speak for it.
+    let mut leaver = agents.pop().unwrap();
+    assert!(leaver.terminate().success());
+    wait_until("the other region sees it left", CONVERGE, || {
+        agents.iter().all(|a| a.state_of("a1").as_deref() == Some("left"))
+    });
+    // Its WAN heartbeat has stopped for good: it stays left, not unreachable.
+    std::thread::sleep(Duration::from_secs(3));
+    for a in &agents {
+        assert_eq!(a.state_of("a1").as_deref(), Some("left"), "on {}", a.id);
+        assert_eq!(a.get("/v1/status")["cluster"]["unreachable"], 0);
+    }
+    let out = cluster.agent_cmd(&["status", "--admin-addr", &agents[0].admin.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("region ap  (every member left"), "{text}");
+}
+
+#[test]
 fn agent_leave_command_leaves_and_exits() {
     let cluster = Cluster::new();
     let mut agents = cluster.start_many("n", "eu", 3, None);

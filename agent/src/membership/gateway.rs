@@ -12,8 +12,9 @@
 //! unreachable: its members show as `unreachable`, and routing leaves them alone. Events cross
 //! between regions the same way, relayed once per gateway.
 //!
-//! A gateway that stops being elected (a member with a smaller id joined, or it is leaving)
-//! stops its WAN pool and removes what it copied; the WAN pool restarts with a fresh
+//! A gateway that stops being elected (a member with a smaller id joined) stops its WAN pool
+//! and removes what it copied; a draining or leaving one keeps publishing its region (itself
+//! draining, then left) and stops at the end of the leave; the WAN pool restarts with a fresh
 //! generation when it is elected again, so its new state is never mistaken for stale.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,8 +64,19 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
         tick.tick().await;
         let snap = shared.snapshots.borrow().clone();
         let region = &shared.config.local.region;
-        let elected = !shared.leaving.load(Ordering::Relaxed)
-            && snap.region_info.get(region).is_some_and(|r| r.gateways.iter().any(|g| g == shared.me()));
+        let departing = shared.leaving.load(Ordering::Relaxed)
+            || snap.members.iter().any(|m| m.id == *shared.me() && (m.draining || m.state == MemberState::Left));
+        if departing {
+            // A draining or leaving gateway gives up its seat (the region elects another) but
+            // keeps its WAN pool to the end of the leave (`Membership::leave` stops it),
+            // publishing its region: draining, then left. In a region of one nobody else would
+            // tell the other regions, which would show it unreachable, not left.
+            if shared.wan.lock().await.is_some() {
+                publish(&shared, &snap).await;
+            }
+            continue;
+        }
+        let elected = snap.region_info.get(region).is_some_and(|r| r.gateways.iter().any(|g| g == shared.me()));
         let now = Instant::now();
         elected_since = if elected { elected_since.or(Some(now)) } else { None };
         let held = elected_since
