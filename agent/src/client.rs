@@ -297,6 +297,8 @@ pub fn render_instances(r: &Route, doc: &ServiceDoc) -> String {
             "yes"
         } else if rank(&e.region) == usize::MAX {
             "no (region not considered)"
+        } else if e.data_addr.is_none() && e.healthy && !e.draining && e.state.is_up() {
+            "no (its agent has no data plane)"
         } else {
             "no"
         };

@@ -60,6 +60,20 @@ pub fn prepare(config: Config) -> Result<Prepared, RunError> {
     }
     let node_id = node_id(&config).context("choosing the node id")?;
     let credentials = credentials(&config, &node_id)?;
+    if credentials.is_none() {
+        // Without certificates the data plane is off: nothing would serve these ports.
+        let needs = |setting: &str, value: String, what: &str| ConfigError {
+            setting: setting.into(),
+            value,
+            allowed: format!("{what} needs the data plane: set ca_file, cert_file and key_file (or use --dev)"),
+        };
+        if let Some(u) = config.upstreams.first() {
+            return Err(needs("upstream", format!("{}={}", u.service, u.listen), "an upstream listener").into());
+        }
+        if let Some(i) = &config.ingress {
+            return Err(needs("ingress.listen", i.listen.to_string(), "the ingress").into());
+        }
+    }
     let generation = generation(config.data_dir.as_deref()).context("choosing the generation")?;
     Ok(Prepared { config, keyring, node_id, generation, credentials })
 }

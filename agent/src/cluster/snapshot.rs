@@ -167,7 +167,8 @@ pub struct Snapshot {
     /// Sorted by (region, id).
     pub members: Vec<MemberView>,
     pub services: BTreeMap<String, ServiceSummary>,
-    /// One ring per service over its routable instances (member up, not draining, healthy).
+    /// One ring per service over its routable instances (member up, not draining, healthy,
+    /// with a data address).
     pub rings: BTreeMap<String, Ring>,
     /// Lowest measured RTT to any up member of each region, in milliseconds; 0 for our own.
     pub region_rtt_ms: BTreeMap<String, f64>,
@@ -285,10 +286,14 @@ impl Snapshot {
                 }
                 summary.instances += 1;
                 summary.pinned |= s.pinned;
-                let routable = m.state.is_up() && !m.draining && s.healthy && !s.draining;
-                if routable {
-                    summary.healthy += 1;
-                    *summary.healthy_by_region.entry(m.region.clone()).or_default() += 1;
+                if !(m.state.is_up() && !m.draining && s.healthy && !s.draining) {
+                    continue;
+                }
+                summary.healthy += 1;
+                *summary.healthy_by_region.entry(m.region.clone()).or_default() += 1;
+                // An agent without certificates announces no data address: its app is healthy
+                // (DNS lists it), but no agent can forward to it.
+                if m.data_addr.is_some() {
                     ring_members
                         .entry(s.name.clone())
                         .or_default()
@@ -354,7 +359,7 @@ pub(crate) mod tests {
             region: region.into(),
             zone: format!("{region}-a"),
             gossip_addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            data_addr: None,
+            data_addr: Some(SocketAddr::from(([127, 0, 0, 1], port.wrapping_add(10_000)))),
             version: "0.1.0".into(),
             liveness: Liveness::Alive,
             lifecycle: Lifecycle::Active,
@@ -402,6 +407,17 @@ pub(crate) mod tests {
         assert_eq!(s.regions(), ["east", "west"]);
         assert_eq!(s.member("a").unwrap().rtt_ms, Some(0.0));
         assert_eq!(s.member("b").unwrap().rtt_ms, Some(1.5));
+    }
+
+    #[test]
+    fn an_instance_on_an_agent_without_a_data_plane_is_healthy_but_not_in_the_ring() {
+        let mut gossip_only = record("b", "east", 2, &[("profile", true)]);
+        gossip_only.data_addr = None;
+        let records = vec![record("a", "east", 1, &[("profile", true)]), gossip_only];
+        let s = Snapshot::build(local("a", "east"), records, &|_| None, 1);
+        assert_eq!((s.services["profile"].instances, s.services["profile"].healthy), (2, 2));
+        let ring = &s.rings["profile"];
+        assert_eq!(ring.members().iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["a"]);
     }
 
     #[test]
