@@ -129,6 +129,11 @@ fn a_node_with_another_key_never_joins_and_is_counted() {
         assert_eq!(a.states().len(), 2);
     }
     assert_eq!(intruder.states().len(), 1, "the intruder sees only itself");
+    // The seed drops it without a word; the intruder says so itself, about 10 s in.
+    wait_until("the intruder warns that no seed answers", CONVERGE, || {
+        intruder.log_text().contains("no seed has answered")
+    });
+    assert!(agents.iter().all(|a| !a.log_text().contains("no seed has answered")));
 }
 
 #[test]

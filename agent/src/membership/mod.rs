@@ -927,13 +927,34 @@ async fn join_loop(shared: Arc<Shared>) {
     let mut backoff = first;
     let mut no_wan_backoff = shared.config.gossip.reprobe_interval;
     let mut next_no_wan = Instant::now();
+    let started = Instant::now();
+    // When to say next that no seed answers, and whether it was said.
+    let mut next_warning = started + UNANSWERED_WARNING;
+    let mut warned = false;
     loop {
         let alone = shared.swim.active_count() == 0;
         let no_wan = shared.snapshots.borrow().region_info.len() <= 1;
         let now = Instant::now();
         let ask_for_wan = no_wan && now >= next_no_wan;
-        if alone || ask_for_wan {
-            ask_seeds(&shared).await;
+        let asked = if alone || ask_for_wan { Some(ask_seeds(&shared).await) } else { None };
+        // Nobody at all has answered: no other member of this region, none of another. A
+        // seed drops what it cannot open or that names another cluster, and says nothing.
+        let unheard = alone && no_wan && shared.snapshots.borrow().members.len() <= 1;
+        if let Some(asked) =
+            asked.filter(|a| unheard && now >= next_warning && (a.sent > 0 || !a.unresolved.is_empty()))
+        {
+            tracing::warn!(
+                seeds = %shared.config.seeds.join(","),
+                unresolved = %asked.unresolved.join(","),
+                after_s = now.duration_since(started).as_secs(),
+                "no seed has answered: a seed answers only agents with the same cluster name and a key in its keyring; check cluster, cluster_key_file, and that the seeds' gossip port (UDP) is reachable"
+            );
+            warned = true;
+            next_warning = now + UNANSWERED_WARNING * 30;
+        } else if warned && !unheard {
+            tracing::info!("a seed answered: joined the cluster");
+            warned = false;
+            next_warning = now + UNANSWERED_WARNING;
         }
         if ask_for_wan {
             next_no_wan = now + no_wan_backoff;
@@ -957,21 +978,36 @@ async fn join_loop(shared: Arc<Shared>) {
     }
 }
 
+/// How long an agent with seeds may hear from nobody before it says so (then every 5 min).
+const UNANSWERED_WARNING: Duration = Duration::from_secs(10);
+
+/// What [`ask_seeds`] did.
+#[derive(Debug, Default)]
+pub(crate) struct SeedsAsked {
+    /// Addresses asked (the seeds resolved, this agent's own address left out).
+    pub sent: usize,
+    /// Seeds whose names did not resolve.
+    pub unresolved: Vec<String>,
+}
+
 /// Asks every seed (DNS names resolved now) for this region's members and the gateways it knows.
-pub(crate) async fn ask_seeds(shared: &Shared) {
+pub(crate) async fn ask_seeds(shared: &Shared) -> SeedsAsked {
     let mut targets: Vec<SocketAddr> = Vec::new();
+    let mut unresolved = Vec::new();
     for seed in &shared.config.seeds {
-        if let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await {
-            targets.extend(addrs.filter(|a| *a != shared.config.gossip_advertise));
+        match tokio::net::lookup_host(seed.as_str()).await {
+            Ok(addrs) => targets.extend(addrs.filter(|a| *a != shared.config.gossip_advertise)),
+            Err(_) => unresolved.push(seed.clone()),
         }
     }
     targets.sort();
     targets.dedup();
     let body = serde_json::to_vec(&JoinRequest { region: shared.config.local.region.clone() }).unwrap_or_default();
-    for t in targets {
+    for t in &targets {
         shared.metrics.reprobes.inc();
-        shared.wire.send_frame(t, FRAME_JOIN, &body).await;
+        shared.wire.send_frame(*t, FRAME_JOIN, &body).await;
     }
+    SeedsAsked { sent: targets.len(), unresolved }
 }
 
 /// Measures RTTs to other regions with sealed pings, for routing's region order: one member

@@ -135,12 +135,15 @@ struct Outbox {
     send: Vec<(SocketAddr, Vec<u8>)>,
     timers: Vec<(Timer<SwimId>, Duration)>,
     changed: bool,
+    /// Inside `leave`: foca declares this node down itself, which is no news.
+    leaving: bool,
 }
 
 impl Runtime<SwimId> for Outbox {
     fn notify(&mut self, notification: Notification<'_, SwimId>) {
         match notification {
             Notification::MemberUp(_) | Notification::MemberDown(_) | Notification::Rename(..) => self.changed = true,
+            Notification::Defunct if self.leaving => tracing::debug!("SWIM: left"),
             Notification::Defunct => tracing::info!("SWIM: this node was declared down; rejoining"),
             Notification::Rejoin(id) => tracing::info!(bump = id.bump, "SWIM: rejoined with a renewed identity"),
             _ => {}
@@ -342,6 +345,7 @@ impl Swim {
     /// Tells the region this node is leaving, then stops.
     pub fn leave(self: &Arc<Self>) {
         self.with_core(|core, out| {
+            out.leaving = true;
             let _ = core.leave_cluster(out);
         });
         self.stopped.store(true, Ordering::Relaxed);
