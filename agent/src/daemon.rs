@@ -336,7 +336,9 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         leave: leave_tx,
         dataplane: dataplane.clone(),
     };
-    let dns_handler = crate::dns::Handler::new(membership.snapshots(), upstream_addrs, admin_state.metrics.clone());
+    // `ns.grapevine` is the DNS listener: its own address, or this host's if bound to all.
+    let dns_zone = crate::dns::Zone { nameserver: advertise_for(dns_bound).ip(), upstreams: upstream_addrs };
+    let dns_handler = crate::dns::Handler::new(membership.snapshots(), dns_zone, admin_state.metrics.clone());
     background.push(tokio::spawn(crate::dns::serve(dns_udp, dns_tcp, dns_handler)));
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
         let _ = stop_admin_rx.wait_for(|stop| *stop).await;

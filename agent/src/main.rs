@@ -111,9 +111,35 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Crates that log at INFO on every request (hickory-server: two lines per DNS query): they log
+/// at `warn` unless the user's filter names them.
+const CHATTY_CRATES: [&str; 3] = ["hickory_server", "hickory_proto", "hickory_net"];
+
+/// The user's filter, with `CRATE=warn` added for each chatty crate none of its directives names
+/// (a directive naming a crate's parent, such as `hickory=debug`, or one of its modules counts).
+fn log_filter(level: &str) -> String {
+    let targets: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter_map(|directive| {
+            let target = directive.split(['[', '=']).next().unwrap_or_default();
+            let bare_level = !directive.contains('=') && target.parse::<tracing::level_filters::LevelFilter>().is_ok();
+            (!target.is_empty() && !bare_level).then_some(target)
+        })
+        .collect();
+    let mut directives: Vec<String> =
+        level.split(',').map(str::trim).filter(|d| !d.is_empty()).map(str::to_string).collect();
+    for krate in CHATTY_CRATES {
+        if !targets.iter().any(|t| krate.starts_with(t) || t.starts_with(krate)) {
+            directives.push(format!("{krate}=warn"));
+        }
+    }
+    directives.join(",")
+}
+
 fn init_tracing(format: LogFormat, level: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
@@ -163,6 +189,32 @@ fn client_command(command: Command) -> ExitCode {
         Err(e) => {
             eprintln!("agent: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn hickory_logs_warnings_only_unless_the_filter_names_it() {
+        assert_eq!(log_filter("info"), "info,hickory_server=warn,hickory_proto=warn,hickory_net=warn");
+        assert_eq!(log_filter("debug"), "debug,hickory_server=warn,hickory_proto=warn,hickory_net=warn");
+        assert_eq!(
+            log_filter("info,hickory_server=debug"),
+            "info,hickory_server=debug,hickory_proto=warn,hickory_net=warn"
+        );
+        assert_eq!(log_filter("hickory=trace"), "hickory=trace", "a parent target names them all");
+        assert_eq!(
+            log_filter("hickory_server::server[request]=debug"),
+            "hickory_server::server[request]=debug,hickory_proto=warn,hickory_net=warn",
+            "a module of the crate names it"
+        );
+        assert_eq!(log_filter("hickory_net"), "hickory_net,hickory_server=warn,hickory_proto=warn");
+        assert_eq!(log_filter(""), "hickory_server=warn,hickory_proto=warn,hickory_net=warn");
+        for level in ["info", "grapevine_agent=debug", "hickory_server=debug", "[span]=trace", ""] {
+            assert!(tracing_subscriber::EnvFilter::try_new(log_filter(level)).is_ok(), "{level}");
         }
     }
 }

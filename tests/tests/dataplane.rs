@@ -375,23 +375,39 @@ fn rdata(m: &Message) -> Vec<String> {
     m.answers.iter().map(|r| r.data.to_string()).collect()
 }
 
+/// A negative answer from the zone: `code`, authoritative, no records, the zone's SOA as authority.
+fn assert_negative(m: &Message, code: ResponseCode, what: &str) {
+    assert_eq!(m.metadata.response_code, code, "{what}");
+    assert!(m.metadata.authoritative, "{what}: AA");
+    assert!(m.answers.is_empty(), "{what}: {:?}", rdata(m));
+    assert_eq!(m.authorities.len(), 1, "{what}: {:?}", m.authorities);
+    assert_eq!(
+        (m.authorities[0].record_type(), m.authorities[0].name.to_string()),
+        (RecordType::SOA, "grapevine.".into())
+    );
+}
+
 #[test]
 fn an_app_finds_services_and_its_upstream_port_by_dns() {
     let cluster = Cluster::new();
     let app = Backend::start("web-app");
     let port = free_port();
     let a = cluster.start(AgentOpts::new("caller", "us-east").args(&["--upstream", &format!("web=127.0.0.1:{port}")]));
-    let _b = cluster.start(AgentOpts::new("web-1", "us-west").join(a.gossip).service(&format!(
-        "web={},{}",
-        app.port(),
-        check(&app)
-    )));
-    wait_until("the caller sees the web instance healthy", CONVERGE, || healthy(&a, "web") == 1);
+    let b = cluster.start(
+        AgentOpts::new("web-1", "us-west")
+            .join(a.gossip)
+            .service(&format!("web={},{}", app.port(), check(&app)))
+            .service(&format!("vault={},pinned=true", app.port())),
+    );
+    wait_until("the caller sees the web and vault instances healthy", CONVERGE, || {
+        healthy(&a, "web") == 1 && healthy(&a, "vault") == 1
+    });
 
     // The instance: its host's address, and by SRV its port and node, in both transports.
     for tcp in [false, true] {
         let m = dns(a.dns, "web.service.grapevine.", RecordType::A, tcp);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative, "AA");
         assert_eq!(rdata(&m), ["127.0.0.1"], "tcp: {tcp}");
     }
     let srv = dns(a.dns, "web.service.grapevine.", RecordType::SRV, false);
@@ -399,15 +415,45 @@ fn an_app_finds_services_and_its_upstream_port_by_dns() {
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert!(answers[0].contains(&format!(" {} web-1.node.grapevine.", app.port())), "{answers:?}");
     assert_eq!(srv.additionals.len(), 1, "the target's address comes along");
+    // Any case, answered in the case asked.
+    let mixed = dns(a.dns, "WEB.Service.US-West.GrapeVine.", RecordType::A, false);
+    assert_eq!(rdata(&mixed), ["127.0.0.1"]);
+    assert_eq!(mixed.answers[0].name.to_string(), "WEB.Service.US-West.GrapeVine.");
     // The upstream listener: where the app should connect.
     let up = dns(a.dns, "web.upstream.grapevine.", RecordType::SRV, false);
     assert!(rdata(&up)[0].contains(&format!(" {port} ")), "{:?}", rdata(&up));
+
+    // The apex: SOA, and NS naming the DNS listener.
+    let soa = dns(a.dns, "grapevine.", RecordType::SOA, false);
+    assert_eq!((soa.metadata.response_code, soa.metadata.authoritative), (ResponseCode::NoError, true));
+    assert_eq!(soa.answers.len(), 1, "{:?}", rdata(&soa));
+    assert!(rdata(&soa)[0].starts_with("ns.grapevine. hostmaster.grapevine. "), "{:?}", rdata(&soa));
+    let ns = dns(a.dns, "grapevine.", RecordType::NS, true);
+    assert_eq!(rdata(&ns), ["ns.grapevine."]);
+    assert_eq!(ns.additionals.iter().map(|r| r.data.to_string()).collect::<Vec<_>>(), [a.dns.ip().to_string()]);
+    // Names with names below them exist (NODATA), whatever is asked of them.
+    for empty in [
+        "grapevine.",
+        "service.grapevine.",
+        "node.grapevine.",
+        "upstream.grapevine.",
+        "us-west.grapevine.",
+        "service.us-west.grapevine.",
+    ] {
+        assert_negative(&dns(a.dns, empty, RecordType::A, false), ResponseCode::NoError, empty);
+    }
+    // A pinned service in another region: no records, as its traffic from here would get 503,
+    // even when the region is named; its own region lists it.
+    for name in ["vault.service.grapevine.", "vault.service.us-west.grapevine."] {
+        assert_negative(&dns(a.dns, name, RecordType::A, false), ResponseCode::NoError, name);
+        assert_eq!(rdata(&dns(b.dns, name, RecordType::A, false)), ["127.0.0.1"], "{name} from us-west");
+    }
     // No such service; not our zone.
-    assert_eq!(
-        dns(a.dns, "nope.service.grapevine.", RecordType::A, false).metadata.response_code,
-        ResponseCode::NXDomain
-    );
-    assert_eq!(dns(a.dns, "example.com.", RecordType::A, false).metadata.response_code, ResponseCode::Refused);
+    for missing in ["nope.service.grapevine.", "web.service.mars.grapevine.", "mars.grapevine."] {
+        assert_negative(&dns(a.dns, missing, RecordType::A, false), ResponseCode::NXDomain, missing);
+    }
+    let refused = dns(a.dns, "example.com.", RecordType::A, false);
+    assert_eq!((refused.metadata.response_code, refused.metadata.authoritative), (ResponseCode::Refused, false));
 
     // An instance failing its check leaves the answer within seconds.
     app.healthy.store(false, Ordering::Relaxed);
