@@ -286,7 +286,8 @@ impl Snapshot {
                 }
                 summary.instances += 1;
                 summary.pinned |= s.pinned;
-                if !(m.state.is_up() && !m.draining && s.healthy && !s.draining) {
+                let routable = m.state.is_up() && !m.draining && s.healthy && !s.draining;
+                if !routable {
                     continue;
                 }
                 summary.healthy += 1;

@@ -163,7 +163,7 @@ async fn handle(
     let key = affinity_key(config, req.headers(), client);
     let super::Forwarded { stream, node } = match dp.connect(&service, key.as_deref(), Some(client)).await {
         Ok(f) => f,
-        Err(e @ (ForwardError::NoInstance(_) | ForwardError::NoSuchService(_))) => {
+        Err(e @ (ForwardError::NoInstance(_) | ForwardError::Pinned { .. } | ForwardError::NoSuchService(_))) => {
             dp.metrics.ingress("503");
             return text(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         }

@@ -53,6 +53,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consecutive failures before an instance is ejected locally.
 const EJECT_AFTER: u32 = 3;
 const EJECT_MAX: Duration = Duration::from_secs(60);
+/// The shortest ejection of an instance whose agent did not answer: longer than membership
+/// takes to call a silent member dead (SWIM's probe, timeout and `suspicion_timeout`).
+const SILENT_EJECT: Duration = Duration::from_secs(5);
 
 /// The first wait before dialling a peer again after a failed handshake; it doubles with
 /// each failure in a row, up to [`DIAL_BACKOFF_MAX`].
@@ -141,6 +144,32 @@ impl AsyncWrite for BackendStream {
     }
 }
 
+/// Why one attempt at an instance failed.
+#[derive(Debug)]
+struct Failed {
+    why: String,
+    /// The instance's agent said nothing in time: it may have died without a word.
+    silent: bool,
+}
+
+impl Failed {
+    fn silent(why: &str) -> Failed {
+        Failed { why: why.to_string(), silent: true }
+    }
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed { why, silent: false }
+    }
+}
+
+impl From<&str> for Failed {
+    fn from(why: &str) -> Failed {
+        Failed { why: why.to_string(), silent: false }
+    }
+}
+
 /// Why a request could not be forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ForwardError {
@@ -148,6 +177,8 @@ pub enum ForwardError {
     NoSuchService(String),
     #[error("no healthy instance of {0} may take this request")]
     NoInstance(String),
+    #[error("no healthy instance of {service} in {region}, and {service} is pinned to its region")]
+    Pinned { service: String, region: String },
     #[error("every instance tried for {service} failed ({attempts} attempts; last: {last})")]
     AllFailed { service: String, attempts: usize, last: String },
 }
@@ -199,6 +230,20 @@ impl Ejections {
         e.ejections += 1;
         e.failures = 0;
         Some(backoff)
+    }
+
+    /// Records an attempt the instance's agent did not answer at all (no handshake, or no
+    /// answer to a stream header in time): it may have died without a word, and every request
+    /// sent its way would wait as long until membership says so (a few seconds). Ejected at
+    /// once, for at least [`SILENT_EJECT`]; returns the backoff.
+    pub fn silent(&mut self, service: &str, node: &str, now: Instant) -> Duration {
+        let e = self.by_instance.entry((service.to_string(), node.to_string())).or_default();
+        let backoff =
+            (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections.min(16))).clamp(SILENT_EJECT, EJECT_MAX);
+        e.until = Some(now + backoff);
+        e.ejections += 1;
+        e.failures = 0;
+        backoff
     }
 
     pub fn succeeded(&mut self, service: &str, node: &str) {
@@ -598,7 +643,11 @@ impl DataPlane {
         };
         let candidates: Vec<Target> = route.chosen.into_iter().chain(route.failover).collect();
         if candidates.is_empty() {
-            return Err(ForwardError::NoInstance(service.to_string()));
+            return Err(if route.pinned {
+                ForwardError::Pinned { service: service.to_string(), region: snap.local.region.clone() }
+            } else {
+                ForwardError::NoInstance(service.to_string())
+            });
         }
         let mut last = String::new();
         let mut attempts = 0;
@@ -610,11 +659,11 @@ impl DataPlane {
                     self.metrics.stream("out", "accepted");
                     return Ok(Forwarded { stream, node: target.node });
                 }
-                Err(why) => {
+                Err(failed) => {
                     self.metrics.stream("out", "retried");
-                    tracing::debug!(service, node = %target.node, reason = %why, "instance refused or unreachable; trying the next");
-                    self.record_failure(service, &target.node);
-                    last = format!("{}: {why}", target.node);
+                    tracing::debug!(service, node = %target.node, reason = %failed.why, "instance refused or unreachable; trying the next");
+                    self.record_failure(service, &target.node, failed.silent);
+                    last = format!("{}: {}", target.node, failed.why);
                 }
             }
         }
@@ -628,7 +677,7 @@ impl DataPlane {
         target: &Target,
         key: Option<&str>,
         client: Option<SocketAddr>,
-    ) -> Result<BackendStream, String> {
+    ) -> Result<BackendStream, Failed> {
         if target.node == self.node_id {
             let record = self.services.record(service).ok_or("no longer fronted here")?;
             let s = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(("127.0.0.1", record.port)))
@@ -647,7 +696,7 @@ impl DataPlane {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.forget_connection(&target.node).await;
-                return Err(format!("opening a stream: {e}"));
+                return Err(format!("opening a stream: {e}").into());
             }
             Err(_) => return Err("the peer gave no stream credit in time".into()),
         };
@@ -664,18 +713,18 @@ impl DataPlane {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 self.forget_connection(&target.node).await;
-                return Err(format!("no answer: {e}"));
+                return Err(format!("no answer: {e}").into());
             }
             Err(_) => {
                 // A peer that does not answer may be gone: the next attempt starts afresh.
                 self.forget_connection(&target.node).await;
-                return Err("no answer in time".into());
+                return Err(Failed::silent("no answer in time"));
             }
         }
         match Answer::from_byte(answer[0]) {
             Some(Answer::Accepted) => Ok(BackendStream::Quic(tokio::io::join(recv, send))),
-            Some(a) => Err(format!("refused: {}", a.as_str())),
-            None => Err(format!("unknown answer {}", answer[0])),
+            Some(a) => Err(format!("refused: {}", a.as_str()).into()),
+            None => Err(format!("unknown answer {}", answer[0]).into()),
         }
     }
 
@@ -693,7 +742,7 @@ impl DataPlane {
     /// its certificate must name). Requests to one peer wait for one handshake together;
     /// after a failed handshake the peer is not dialled again until its backoff has passed,
     /// and requests fail at once so the caller moves on to the next instance.
-    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, String> {
+    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, Failed> {
         let slot = self.peer_slot(node);
         let mut slot = slot.lock().await;
         if let Some(c) = &slot.conn {
@@ -708,12 +757,13 @@ impl DataPlane {
                 "not dialling again for {} ms after {} failed handshakes",
                 (at - now).as_millis(),
                 slot.backoff.failures
-            ));
+            )
+            .into());
         }
         let epoch = self.trust_epoch.load(Ordering::Acquire);
         let client = self.trust.lock().unwrap_or_else(|e| e.into_inner()).client.clone();
         let result = match self.endpoint.connect_with(client, addr, node) {
-            Err(e) => Err(format!("connect: {e}")),
+            Err(e) => Err(Failed::from(format!("connect: {e}"))),
             Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
                 Ok(Ok(c)) => Ok(c),
                 Ok(Err(e)) => {
@@ -725,9 +775,9 @@ impl DataPlane {
                         // Our verifier refused its certificate, or it refused ours.
                         self.metrics.refused("handshake_out");
                     }
-                    Err(format!("QUIC handshake: {e}"))
+                    Err(format!("QUIC handshake: {e}").into())
                 }
-                Err(_) => Err("QUIC handshake timed out".into()),
+                Err(_) => Err(Failed::silent("QUIC handshake timed out")),
             },
         };
         // A reload that ran during the handshake: it waited for this slot, but the connection
@@ -735,7 +785,7 @@ impl DataPlane {
         let result = result.and_then(|conn| {
             if self.trust_epoch.load(Ordering::Acquire) != epoch && !self.still_trusted(&conn, node, Role::Server) {
                 self.untrusted(&conn, node);
-                return Err("its certificate is no longer trusted".to_string());
+                return Err("its certificate is no longer trusted".into());
             }
             Ok(conn)
         });
@@ -816,8 +866,14 @@ impl DataPlane {
         self.ejections.lock().unwrap_or_else(|e| e.into_inner()).is_ejected(service, node, Instant::now())
     }
 
-    fn record_failure(&self, service: &str, node: &str) {
-        let ejected = self.ejections.lock().unwrap_or_else(|e| e.into_inner()).failed(service, node, Instant::now());
+    fn record_failure(&self, service: &str, node: &str, silent: bool) {
+        let mut ejections = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
+        let ejected = if silent {
+            Some(ejections.silent(service, node, Instant::now()))
+        } else {
+            ejections.failed(service, node, Instant::now())
+        };
+        drop(ejections);
         if let Some(backoff) = ejected {
             self.metrics.ejections.inc();
             tracing::warn!(
@@ -908,6 +964,19 @@ mod tests {
         e.succeeded("web", "b");
         assert!(!e.is_ejected("web", "b", t0));
         assert_eq!(e.failed("web", "b", t0), None, "a success forgets the failures");
+    }
+
+    #[test]
+    fn an_instance_whose_agent_does_not_answer_is_ejected_at_once() {
+        let t0 = Instant::now();
+        let mut e = Ejections::default();
+        assert_eq!(e.silent("web", "b", t0), SILENT_EJECT, "at once, for as long as membership takes to decide");
+        assert!(e.is_ejected("web", "b", t0 + SILENT_EJECT - Duration::from_millis(1)));
+        assert!(!e.is_ejected("web", "b", t0 + SILENT_EJECT));
+        let later: Vec<_> = (0..4).map(|_| e.silent("web", "b", t0)).collect();
+        assert_eq!(later, [5, 5, 8, 16].map(Duration::from_secs), "then the usual doubling");
+        e.succeeded("web", "b");
+        assert!(!e.is_ejected("web", "b", t0));
     }
 
     #[test]
