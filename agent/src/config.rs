@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod file;
+
 /// Where environment variables come from.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
@@ -346,18 +348,44 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
 ];
 
 impl Layer {
-    /// Reads a TOML file.
+    /// Reads a TOML file. A bad setting in it is named with the file, line and column.
     pub fn from_file(path: &std::path::Path) -> Result<Layer, ConfigError> {
+        let shown = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("config", path.display().to_string(), format!("a readable file ({e})")))?;
-        Layer::from_toml(&text).map_err(|e| ConfigError { value: path.display().to_string(), ..e })
+            .map_err(|e| ConfigError::new("config", &shown, format!("a readable file ({e})")))?;
+        Layer::parse_toml(&text).map_err(|(e, at)| match at {
+            // The file is the value of a syntax error: say where in it only.
+            Some(at) if e.setting == "config" => {
+                ConfigError { value: shown, allowed: format!("{} ({})", e.allowed, at), ..e }
+            }
+            Some(at) => ConfigError { allowed: format!("{} ({shown}, {at})", e.allowed), ..e },
+            None => ConfigError { allowed: format!("{} (in {shown})", e.allowed), ..e },
+        })
     }
 
+    /// Reads TOML text. A bad setting in it is named with its line and column.
     pub fn from_toml(text: &str) -> Result<Layer, ConfigError> {
-        // Numbers and booleans in the file are accepted for scalar settings and kept as strings.
-        let mut value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::new("config", "", format!("valid TOML: {}", e.message())))?;
+        Layer::parse_toml(text).map_err(|(e, at)| match at {
+            Some(at) => ConfigError { allowed: format!("{} ({at})", e.allowed), ..e },
+            None => e,
+        })
+    }
+
+    /// The layer, or what is wrong and where ("line L, column C").
+    fn parse_toml(text: &str) -> Result<Layer, (ConfigError, Option<String>)> {
+        let at = |offset: usize| {
+            let (line, column) = file::line_col(text, offset);
+            format!("line {line}, column {column}")
+        };
+        let doc = toml::de::DeTable::parse(text).map_err(|e| {
+            let error = ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim()));
+            (error, e.span().map(|s| at(s.start)))
+        })?;
+        file::check(text, doc.get_ref()).map_err(|m| (m.error, Some(at(m.at))))?;
+        // Numbers in the file are accepted for scalar settings and kept as strings.
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            (ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim())), e.span().map(|s| at(s.start)))
+        })?;
         for (key, _) in SCALAR_SETTINGS {
             if let Some(v) = value.get_mut(*key) {
                 match v {
@@ -367,15 +395,10 @@ impl Layer {
                 }
             }
         }
-        Layer::deserialize(toml::Value::Table(value)).map_err(|e| {
-            let msg = e.to_string();
-            let setting = unknown_field(&msg).unwrap_or_else(|| "config".to_string());
-            if msg.contains("unknown field") {
-                ConfigError::new(setting, "", "no such setting; `agent run --help` and the README list them all")
-            } else {
-                ConfigError::new(setting, "", format!("a value of the right type ({})", msg.trim()))
-            }
-        })
+        // The shape was checked above, so serde has nothing left to refuse; if it does, its
+        // message is all there is to say.
+        Layer::deserialize(toml::Value::Table(value))
+            .map_err(|e| (ConfigError::new("config", "", format!("a valid configuration ({})", e.message().trim())), None))
     }
 
     /// Reads `AGENT_*` variables.
@@ -994,13 +1017,6 @@ fn int_in(setting: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> R
     }
 }
 
-/// Picks the setting name out of serde's "unknown field `x`" or "invalid type ... for key `x`".
-fn unknown_field(msg: &str) -> Option<String> {
-    let start = msg.find('`')? + 1;
-    let end = msg[start..].find('`')? + start;
-    Some(msg[start..end].to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,7 +1183,7 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
             ("dev = true\nregion = \"us east\"", "region"),
             ("dev = true\nlog_format = \"xml\"", "log_format"),
             ("dev = true\ncolour = \"blue\"", "colour"),
-            ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service.port"),
+            ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service[a].port"),
             ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service.check.http"),
             ("[security]\ncluster_key_file = \"k\"", "region"),
             ("region = \"r\"", "cluster_key_file"),
@@ -1180,6 +1196,87 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
         let err = Layer::from_env(&env(&[("AGENT_DEV", "maybe")])).unwrap_err();
         assert_eq!(err.setting, "AGENT_DEV");
         assert!(err.to_string().contains("true or false"), "{err}");
+    }
+
+    /// The error `text` gives, from the file or when resolved.
+    fn error_of(text: &str) -> ConfigError {
+        Layer::from_toml(text).and_then(Layer::resolve).unwrap_err()
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_value_line_and_a_close_match() {
+        let e = error_of("dev = true\nprobe_intervall = \"1s\"\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("probe_intervall", "1s"), "{e}");
+        assert!(e.allowed.starts_with("no such setting; did you mean probe_interval?"), "{e}");
+        assert!(e.allowed.ends_with("(line 2, column 1)"), "{e}");
+        let e = error_of("dev = true\ncolour = 3\n");
+        assert_eq!(e.value, "3");
+        assert!(e.allowed.contains("no such setting") && !e.allowed.contains("did you mean"), "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\npinned = true\n");
+        assert_eq!(e.setting, "service[web].pinned", "{e}");
+        assert!(e.allowed.contains("did you mean pinned_to_region?"), "{e}");
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_table_says_where_it_belongs() {
+        let e = error_of("dev = true\ncluster_key_file = \"k\"\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("cluster_key_file", "k"), "{e}");
+        assert!(e.allowed.contains("no such setting at the top level; cluster_key_file belongs under [security]"), "{e}");
+        let e = error_of("dev = true\n[security]\nregion = \"eu\"\n");
+        assert_eq!(e.setting, "security.region", "{e}");
+        assert!(e.allowed.contains("region belongs at the top level"), "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\nca_file = \"ca.pem\"\n");
+        assert!(e.allowed.contains("ca_file belongs under [security]"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_or_range_says_what_is_allowed() {
+        let svc = |rest: &str| error_of(&format!("dev = true\n[[service]]\nname = \"web\"\n{rest}\n"));
+        let e = svc("port = 70000");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].port", "70000"), "{e}");
+        assert_eq!(e.allowed, "a port from 1 to 65535 (line 4, column 1)");
+        let e = svc("port = \"3000\"");
+        assert!(e.allowed.starts_with("a port from 1 to 65535, without quotes"), "{e}");
+        let e = svc("port = 1\nweight = 20000");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].weight", "20000"), "{e}");
+        assert!(e.allowed.starts_with("a weight from 1 to 10000"), "{e}");
+        let e = svc("port = 1\npinned_to_region = \"yes\"");
+        assert_eq!(e.setting, "service[web].pinned_to_region", "{e}");
+        assert!(e.allowed.starts_with("true or false, without quotes"), "{e}");
+        let e = svc("port = 1\ncheck = { tcp = \"127.0.0.1:1\", interval = 2 }");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].check.interval", "2"), "{e}");
+        assert!(e.allowed.starts_with("a duration such as 2s, in quotes"), "{e}");
+        let e = svc("weight = 5");
+        assert_eq!(e.setting, "service[web].port", "{e}");
+        assert!(e.allowed.starts_with("a port from 1 to 65535 (required)"), "{e}");
+        let e = error_of("dev = 1\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("dev", "1"), "{e}");
+        let e = error_of("dev = true\nregion = [\"eu\"]\n");
+        assert!(e.allowed.starts_with("a single value"), "{e}");
+        let e = error_of("dev = true\n[service]\nname = \"web\"\n");
+        assert!(e.allowed.starts_with("one [[service]] table for each"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        let e = error_of("dev = true\nregion = \"eu\nzone = 1\n");
+        assert_eq!(e.setting, "config");
+        assert!(e.allowed.starts_with("valid TOML: "), "{e}");
+        assert!(e.allowed.ends_with("(line 2, column 13)"), "{e}");
+    }
+
+    #[test]
+    fn errors_in_a_file_name_the_file_not_as_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c1.toml");
+        std::fs::write(&path, "dev = true\nprobe_intervall = \"1s\"\n").unwrap();
+        let e = Layer::from_file(&path).unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("probe_intervall", "1s"), "{e}");
+        assert!(e.allowed.ends_with(&format!("({}, line 2, column 1)", path.display())), "{e}");
+        std::fs::write(&path, "dev = \n").unwrap();
+        let e = Layer::from_file(&path).unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.clone()), ("config", path.display().to_string()), "{e}");
+        assert!(e.allowed.ends_with("(line 1, column 7)"), "{e}");
     }
 
     #[test]
