@@ -780,17 +780,20 @@ pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Resu
     layer.merge(Layer::from_env(env)?).merge(flags).resolve()
 }
 
+/// Validates one service: from the file, a flag, the environment or `PUT /v1/services/NAME`.
+/// Its settings are named `service[NAME].port` and so on.
 pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
     check_name("service.name", &s.name)?;
+    let setting = |key: &str| format!("service[{}].{key}", s.name);
     if s.port == 0 {
-        return Err(ConfigError::new("service.port", "0", "a port from 1 to 65535"));
+        return Err(ConfigError::new(setting("port"), "0", "a port from 1 to 65535"));
     }
     let weight = s.weight.unwrap_or(grapevine_ring::DEFAULT_WEIGHT);
     if weight == 0 || weight > grapevine_ring::MAX_WEIGHT {
         return Err(ConfigError::new(
-            "service.weight",
+            setting("weight"),
             weight.to_string(),
-            format!("1 to {}", grapevine_ring::MAX_WEIGHT),
+            format!("a weight from 1 to {}", grapevine_ring::MAX_WEIGHT),
         ));
     }
     let check = match s.check {
@@ -799,18 +802,32 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
             let target = match (c.http, c.tcp) {
                 (Some(url), None) => {
                     if !(url.starts_with("http://")) {
-                        return Err(ConfigError::new("service.check.http", url, "an http:// URL"));
+                        return Err(ConfigError::new(setting("check.http"), url, "an http:// URL"));
                     }
                     CheckTarget::Http(url)
                 }
                 (None, Some(addr)) => CheckTarget::Tcp(addr),
-                _ => return Err(ConfigError::new("service.check", "", "exactly one of http or tcp")),
+                (Some(url), Some(addr)) => {
+                    return Err(ConfigError::new(
+                        setting("check"),
+                        format!("http = {url}, tcp = {addr}"),
+                        "only one of http (a URL to GET) or tcp (an address to connect to), not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        setting("check"),
+                        "",
+                        "one of http (a URL to GET, such as http://127.0.0.1:3000/healthz) or tcp (an address \
+                         to connect to, such as 127.0.0.1:5432)",
+                    ));
+                }
             };
-            let interval = duration_in("service.check.interval", c.interval.as_deref(), "2s", ms(100), secs(3600))?;
-            let timeout = duration_in("service.check.timeout", c.timeout.as_deref(), "1s", ms(10), secs(600))?;
+            let interval = duration_in(&setting("check.interval"), c.interval.as_deref(), "2s", ms(100), secs(3600))?;
+            let timeout = duration_in(&setting("check.timeout"), c.timeout.as_deref(), "1s", ms(10), secs(600))?;
             if timeout > interval {
                 return Err(ConfigError::new(
-                    "service.check.timeout",
+                    setting("check.timeout"),
                     humantime::format_duration(timeout).to_string(),
                     "at most the check interval",
                 ));
@@ -818,10 +835,10 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
             let rise = c.rise.unwrap_or(2);
             let fall = c.fall.unwrap_or(2);
             if !(1..=100).contains(&rise) {
-                return Err(ConfigError::new("service.check.rise", rise.to_string(), "1 to 100"));
+                return Err(ConfigError::new(setting("check.rise"), rise.to_string(), "a whole number from 1 to 100"));
             }
             if !(1..=100).contains(&fall) {
-                return Err(ConfigError::new("service.check.fall", fall.to_string(), "1 to 100"));
+                return Err(ConfigError::new(setting("check.fall"), fall.to_string(), "a whole number from 1 to 100"));
             }
             Some(Check { target, interval, timeout, rise, fall })
         }
@@ -1184,7 +1201,7 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
             ("dev = true\nlog_format = \"xml\"", "log_format"),
             ("dev = true\ncolour = \"blue\"", "colour"),
             ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service[a].port"),
-            ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service.check.http"),
+            ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service[a].check.http"),
             ("[security]\ncluster_key_file = \"k\"", "region"),
             ("region = \"r\"", "cluster_key_file"),
         ];
@@ -1255,6 +1272,22 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
         assert!(e.allowed.starts_with("a single value"), "{e}");
         let e = error_of("dev = true\n[service]\nname = \"web\"\n");
         assert!(e.allowed.starts_with("one [[service]] table for each"), "{e}");
+    }
+
+    #[test]
+    fn a_check_takes_one_target() {
+        let e = error_of(
+            "dev = true\n[[service]]\nname = \"web\"\nport = 1\ncheck = { http = \"http://127.0.0.1:1/\", tcp = \"127.0.0.1:1\" }\n",
+        );
+        assert_eq!(e.setting, "service[web].check", "{e}");
+        assert_eq!(e.value, "http = http://127.0.0.1:1/, tcp = 127.0.0.1:1");
+        assert!(e.allowed.contains("only one of http") && e.allowed.contains("not both"), "{e}");
+        let e = parse_service_spec("--service", "web=1,check=http://127.0.0.1:1/,tcp_check=127.0.0.1:1")
+            .and_then(resolve_service)
+            .unwrap_err();
+        assert_eq!(e.setting, "service[web].check", "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\ncheck = { interval = \"1s\" }\n");
+        assert!(e.allowed.starts_with("one of http"), "{e}");
     }
 
     #[test]

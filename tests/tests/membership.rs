@@ -278,7 +278,7 @@ fn api_registrations_survive_a_restart() {
     assert_eq!(code, 200, "{body}");
     let (code, body) = a.put("/v1/services/bad", &json!({"port": 0}));
     assert_eq!(code, 400);
-    assert!(body["error"].as_str().unwrap().contains("service.port"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("service[bad].port"), "{body}");
     wait_until("the registration shows", CONVERGE, || a.try_get("/v1/services/profile").is_some());
     let opts = a.opts();
     a.kill();
