@@ -706,7 +706,7 @@ impl Layer {
         }
         let mut upstreams = Vec::new();
         for u in self.upstreams.unwrap_or_default() {
-            check_name("upstream.service", &u.service)?;
+            check_service_name("upstream.service", &u.service)?;
             let listen = socket_addr("upstream.listen", Some(&u.listen), gossip_addr)?;
             upstreams.push(UpstreamConfig { service: u.service, listen });
         }
@@ -724,7 +724,7 @@ impl Layer {
                     }
                 };
                 for r in &i.routes {
-                    check_name("ingress.routes.service", &r.service)?;
+                    check_service_name("ingress.routes.service", &r.service)?;
                     if let Some(p) = &r.path_prefix
                         && !p.starts_with('/')
                     {
@@ -783,7 +783,7 @@ pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Resu
 /// Validates one service: from the file, a flag, the environment or `PUT /v1/services/NAME`.
 /// Its settings are named `service[NAME].port` and so on.
 pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
-    check_name("service.name", &s.name)?;
+    check_service_name("service.name", &s.name)?;
     let setting = |key: &str| format!("service[{}].{key}", s.name);
     if s.port == 0 {
         return Err(ConfigError::new(setting("port"), "0", "a port from 1 to 65535"));
@@ -969,6 +969,21 @@ fn parse_bool(setting: &str, v: &str) -> Result<bool, ConfigError> {
 pub fn check_name(setting: &str, v: &str) -> Result<(), ConfigError> {
     let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok { Ok(()) } else { Err(ConfigError::new(setting, v, NAME_ALLOWED)) }
+}
+
+/// A service name: one DNS label, since DNS answers for SERVICE.service.grapevine.
+pub fn check_service_name(setting: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            setting,
+            v,
+            "a service name is one DNS label: 1 to 63 letters, digits and '-' (no '.': DNS names are \
+             SERVICE.service.grapevine)",
+        ))
+    }
 }
 
 fn socket_addr(setting: &str, v: Option<&str>, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
@@ -1310,6 +1325,21 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
         let e = Layer::from_file(&path).unwrap_err();
         assert_eq!((e.setting.as_str(), e.value.clone()), ("config", path.display().to_string()), "{e}");
         assert!(e.allowed.ends_with("(line 1, column 7)"), "{e}");
+    }
+
+    #[test]
+    fn service_names_are_one_dns_label() {
+        assert!(check_service_name("s", "api-v2").is_ok());
+        for bad in ["api.v2", "a_b", "", "a b"] {
+            let e = check_service_name("service.name", bad).unwrap_err();
+            assert!(e.allowed.contains("one DNS label"), "{bad}: {e}");
+        }
+        let e = error_of("dev = true\n[[service]]\nname = \"api.v2\"\nport = 1\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service.name", "api.v2"));
+        let flag = parse_service_spec("--service", "api.v2=3000").unwrap();
+        assert_eq!(resolve_service(flag).unwrap_err().setting, "service.name");
+        let e = error_of("dev = true\n[[upstream]]\nservice = \"api.v2\"\nlisten = \"127.0.0.1:1\"\n");
+        assert_eq!(e.setting, "upstream.service");
     }
 
     #[test]
