@@ -856,6 +856,9 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
 // Compact list forms shared by flags and env vars.
 
 const SERVICE_OPTIONS: &[&str] = &["check", "tcp_check", "weight", "pinned", "interval", "timeout", "rise", "fall"];
+/// The `--service` form, for messages.
+const SERVICE_SPEC: &str = "NAME=PORT[,check=URL][,tcp_check=ADDR][,weight=N][,pinned=true][,interval=2s]\
+                            [,timeout=1s][,rise=N][,fall=N], such as profile=3000,check=http://127.0.0.1:3000/healthz";
 const ROUTE_OPTIONS: &[&str] = &["host", "path_prefix", "service"];
 
 /// Splits a comma-separated env var of specs whose own options are comma-separated too: a
@@ -890,13 +893,13 @@ pub fn parse_service_spec(setting: &str, spec: &str) -> Result<ServiceLayer, Con
     let bad = |allowed: &str| ConfigError::new(setting, spec, allowed);
     let mut parts = spec.split(',');
     let first = parts.next().unwrap_or("");
-    let (name, port) = first.split_once('=').ok_or_else(|| bad("NAME=PORT[,check=URL][,weight=N][,pinned=true]"))?;
+    let (name, port) = first.split_once('=').ok_or_else(|| bad(SERVICE_SPEC))?;
     let port: u16 = port.parse().map_err(|_| bad("NAME=PORT with PORT from 1 to 65535"))?;
     let mut s = ServiceLayer { name: name.to_string(), port, ..Default::default() };
     let mut check = CheckLayer::default();
     let mut has_check = false;
     for part in parts {
-        let (k, v) = part.split_once('=').ok_or_else(|| bad("options as key=value"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| bad(&format!("options as key=value: {SERVICE_SPEC}")))?;
         match k {
             "check" => {
                 check.http = Some(v.to_string());
@@ -912,7 +915,11 @@ pub fn parse_service_spec(setting: &str, spec: &str) -> Result<ServiceLayer, Con
             "timeout" => check.timeout = Some(v.to_string()),
             "rise" => check.rise = Some(v.parse().map_err(|_| bad("rise=N"))?),
             "fall" => check.fall = Some(v.parse().map_err(|_| bad("fall=N"))?),
-            _ => return Err(bad("options check, tcp_check, weight, pinned, interval, timeout, rise, fall")),
+            _ => {
+                let close = file::closest(k, SERVICE_OPTIONS);
+                let hint = close.map(|c| format!("did you mean {c}? ")).unwrap_or_default();
+                return Err(bad(&format!("{hint}options {}: {SERVICE_SPEC}", SERVICE_OPTIONS.join(", "))));
+            }
         }
     }
     if has_check {
@@ -1340,6 +1347,17 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
         assert_eq!(resolve_service(flag).unwrap_err().setting, "service.name");
         let e = error_of("dev = true\n[[upstream]]\nservice = \"api.v2\"\nlisten = \"127.0.0.1:1\"\n");
         assert_eq!(e.setting, "upstream.service");
+    }
+
+    #[test]
+    fn a_service_flag_without_a_port_lists_every_option() {
+        let e = parse_service_spec("--service", "web").unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("--service", "web"));
+        for option in SERVICE_OPTIONS {
+            assert!(e.allowed.contains(&format!("{option}=")), "{option}: {e}");
+        }
+        let e = parse_service_spec("--service", "web=1,wieght=5").unwrap_err();
+        assert!(e.allowed.starts_with("did you mean weight?"), "{e}");
     }
 
     #[test]
