@@ -608,19 +608,7 @@ impl Layer {
         let cluster = self.cluster.unwrap_or_else(|| if dev { "dev".into() } else { "default".into() });
         check_name("cluster", &cluster)?;
         if let Some(id) = &self.node_id {
-            check_name("node_id", id)?;
-            // The id is the name in the node's certificate and the server name peers dial it
-            // by, so it must be a DNS name TLS accepts (not "42", "web.1" or an IP address).
-            if !matches!(
-                rustls::pki_types::ServerName::try_from(id.as_str()),
-                Ok(rustls::pki_types::ServerName::DnsName(_))
-            ) {
-                return Err(ConfigError::new(
-                    "node_id",
-                    id,
-                    "a name a certificate can carry: letters, digits, '-' and '.', not all digits after the last '.'",
-                ));
-            }
+            check_node_id("node_id", id)?;
         }
         let region = match self.region {
             Some(r) => r,
@@ -976,6 +964,21 @@ fn parse_bool(setting: &str, v: &str) -> Result<bool, ConfigError> {
 pub fn check_name(setting: &str, v: &str) -> Result<(), ConfigError> {
     let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok { Ok(()) } else { Err(ConfigError::new(setting, v, NAME_ALLOWED)) }
+}
+
+/// A node id: a name, and one a certificate can carry, since it is the name in the node's
+/// certificate and the server name peers dial it by (so not "42", "web.1" or an IP address).
+/// `agent run` and `agent cert issue` check the same.
+pub fn check_node_id(setting: &str, id: &str) -> Result<(), ConfigError> {
+    check_name(setting, id)?;
+    match rustls::pki_types::ServerName::try_from(id) {
+        Ok(rustls::pki_types::ServerName::DnsName(_)) => Ok(()),
+        _ => Err(ConfigError::new(
+            setting,
+            id,
+            "a name a certificate can carry: letters, digits, '-' and '.', not all digits after the last '.'",
+        )),
+    }
 }
 
 /// A service name: one DNS label, since DNS answers for SERVICE.service.grapevine.

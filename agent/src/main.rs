@@ -25,8 +25,8 @@ fn main() -> ExitCode {
                 )
             }))
         }
-        Command::Cert(CertCommand::Issue { ca, node, out }) => {
-            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out).map(|_| {
+        Command::Cert(CertCommand::Issue { ca, node, out, force }) => {
+            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out, force).map(|_| {
                 println!(
                     "wrote {} and {}",
                     out.join(format!("{node}.pem")).display(),
@@ -101,12 +101,13 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
     }
 }
 
+/// Exit code 2 for a bad argument (such as a node id the agent would refuse), 1 otherwise.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<config::ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

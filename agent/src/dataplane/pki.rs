@@ -83,7 +83,7 @@ impl Ca {
 
     /// Issues a certificate for `node_id`: (certificate PEM, key PEM).
     pub fn issue(&self, node_id: &str) -> anyhow::Result<(String, String)> {
-        crate::config::check_name("node", node_id)?;
+        crate::config::check_node_id("--node", node_id)?;
         let ca_key = KeyPair::from_pem(&self.key_pem).context("parsing the CA key")?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("parsing the CA certificate")?;
         let mut params = CertificateParams::new(vec![node_id.to_string()])?;
@@ -150,8 +150,14 @@ pub fn ca_init(out: &Path, cluster: &str) -> anyhow::Result<()> {
     Ca::generate(cluster)?.save(out)
 }
 
-/// `agent cert issue --ca DIR --node ID --out DIR`.
-pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path) -> anyhow::Result<()> {
+/// `agent cert issue --ca DIR --node ID --out DIR [--force]`: the node id must be one the agent
+/// accepts, and an existing `DIR/ID.key` is replaced only with `force`.
+pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path, force: bool) -> anyhow::Result<()> {
+    crate::config::check_node_id("--node", node)?;
+    let key_file = out.join(format!("{node}.key"));
+    if key_file.exists() && !force {
+        anyhow::bail!("{} already exists; refusing to overwrite a node key (--force replaces it)", key_file.display());
+    }
     let ca = Ca::load(ca_dir)?;
     let (cert, key) = ca.issue(node)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -168,7 +174,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path(), "prod").unwrap();
         assert!(ca_init(dir.path(), "prod").is_err(), "never overwrites a CA");
-        cert_issue(dir.path(), "web-1", dir.path()).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
         let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("web-1.pem"),
@@ -178,6 +184,25 @@ mod tests {
         assert_eq!(creds.files, Some(files), "kept for reloading");
         assert_eq!(creds.identity.chain.len(), 1);
         assert!(Ca::load(dir.path()).unwrap().issue("bad id!").is_err());
+    }
+
+    #[test]
+    fn cert_issue_takes_the_node_ids_an_agent_takes_and_keeps_an_existing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path(), "prod").unwrap();
+        for bad in ["42", "web.1", "10.0.0.1", "bad id!"] {
+            let e = cert_issue(dir.path(), bad, dir.path(), false).unwrap_err();
+            let e = e.downcast_ref::<crate::config::ConfigError>().expect("a bad setting");
+            assert_eq!((e.setting.as_str(), e.value.as_str()), ("--node", bad));
+            assert!(!dir.path().join(format!("{bad}.pem")).exists());
+        }
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        let key = std::fs::read_to_string(dir.path().join("web-1.key")).unwrap();
+        let e = cert_issue(dir.path(), "web-1", dir.path(), false).unwrap_err().to_string();
+        assert!(e.contains("web-1.key already exists") && e.contains("--force"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "kept");
+        cert_issue(dir.path(), "web-1", dir.path(), true).unwrap();
+        assert_ne!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "replaced with --force");
     }
 
     #[test]
