@@ -337,6 +337,20 @@ fn bad_configuration_exits_2_naming_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cert_file") && err.contains("not signed by a CA in ca_file"), "{err}");
+    // Some of the three files: the message says which are missing.
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--region", "eu", "--node-id", "n1", "--cluster-key-file", key];
+        args.extend_from_slice(extra);
+        let out = cluster.agent_cmd(&args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--ca-file", ca.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ca_file = ") && err.contains("missing cert_file and key_file"), "{err}");
+    // A file that is no CA certificate is the CA file's fault, not the certificate's.
+    let (code, err) = run(&["--ca-file", key, "--cert-file", &cert, "--key-file", &node_key]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("invalid setting ca_file = {key:?}")) && err.contains("no PEM certificate"), "{err}");
 }
 
 #[test]

@@ -99,32 +99,59 @@ impl Ca {
     /// Credentials for `node_id`, made in memory (for `--dev` and tests).
     pub fn credentials_for(&self, node_id: &str) -> anyhow::Result<NodeCredentials> {
         let (cert, key) = self.issue(node_id)?;
-        credentials_from_pem(&self.cert_pem, &cert, &key)
+        Ok(credentials_from_pem(&self.cert_pem, &cert, &key)?)
+    }
+}
+
+/// One of the `[security]` files that cannot be used: which setting, the file, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} {}: {why}", .setting, .path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())]
+pub struct CredentialsError {
+    /// `ca_file`, `cert_file` or `key_file`.
+    pub setting: &'static str,
+    /// None for PEM text made in memory.
+    pub path: Option<PathBuf>,
+    pub why: String,
+}
+
+impl CredentialsError {
+    fn new(setting: &'static str, why: impl Into<String>) -> Self {
+        CredentialsError { setting, path: None, why: why.into() }
     }
 }
 
 /// Parses PEM text into credentials.
-pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeCredentials> {
-    let cas = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("the CA file holds no valid PEM certificate")?;
-    if cas.is_empty() {
-        anyhow::bail!("the CA file holds no PEM certificate");
-    }
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("the certificate file holds no valid PEM certificate")?;
-    if chain.is_empty() {
-        anyhow::bail!("the certificate file holds no PEM certificate");
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the key file holds no PEM private key")?;
+pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<NodeCredentials, CredentialsError> {
+    let certificates = |setting: &'static str, pem: &str| {
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialsError::new(setting, format!("it holds no valid PEM certificate ({e})")))?;
+        if certs.is_empty() {
+            return Err(CredentialsError::new(setting, "it holds no PEM certificate"));
+        }
+        Ok(certs)
+    };
+    let cas = certificates("ca_file", ca_pem)?;
+    let chain = certificates("cert_file", cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CredentialsError::new("key_file", format!("it holds no PEM private key ({e})")))?;
     Ok(NodeCredentials { cas, identity: Identity { chain, key }, files: None })
 }
 
-/// Reads the `[security]` files.
-pub fn load_credentials(files: &TlsFiles) -> anyhow::Result<NodeCredentials> {
-    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let creds = credentials_from_pem(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?)?;
+/// Reads the `[security]` files; an error names the file at fault.
+pub fn load_credentials(files: &TlsFiles) -> Result<NodeCredentials, CredentialsError> {
+    let named = [("ca_file", &files.ca), ("cert_file", &files.cert), ("key_file", &files.key)];
+    let path_of = |setting: &str| named.iter().find(|(s, _)| *s == setting).map(|(_, p)| p.to_path_buf());
+    let read = |setting: &'static str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| CredentialsError {
+            setting,
+            path: Some(path.to_path_buf()),
+            why: format!("cannot read it ({e})"),
+        })
+    };
+    let (ca, cert, key) = (read("ca_file", &files.ca)?, read("cert_file", &files.cert)?, read("key_file", &files.key)?);
+    let creds = credentials_from_pem(&ca, &cert, &key)
+        .map_err(|e| CredentialsError { path: path_of(e.setting), ..e })?;
     Ok(NodeCredentials { files: Some(files.clone()), ..creds })
 }
 
@@ -217,7 +244,47 @@ mod tests {
         let err = super::super::tls::Trust::new(&only_old, "web-1").unwrap_err();
         assert_eq!(err.setting(), "cert_file");
         assert!(err.to_string().contains("not signed by a CA in ca_file"), "{err}");
-        assert!(credentials_from_pem("", &cert, &key).is_err(), "an empty CA file");
-        assert!(credentials_from_pem(&key, &cert, &key).is_err(), "a key where the CA should be");
+        assert_eq!(credentials_from_pem("", &cert, &key).unwrap_err().setting, "ca_file", "an empty CA file");
+        assert_eq!(credentials_from_pem(&key, &cert, &key).unwrap_err().setting, "ca_file", "a key for the CA");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_the_key_files_fault() {
+        let ca = Ca::generate("prod").unwrap();
+        let (cert, _) = ca.issue("web-1").unwrap();
+        let (_, other_key) = ca.issue("web-1").unwrap();
+        let creds = credentials_from_pem(&ca.cert_pem, &cert, &other_key).unwrap();
+        let err = super::super::tls::Trust::new(&creds, "web-1").unwrap_err();
+        assert_eq!(err.setting(), "key_file", "{err}");
+        assert!(err.to_string().contains("the certificate and key do not match"), "{err}");
+    }
+
+    #[test]
+    fn each_file_that_cannot_be_used_names_its_own_setting_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path(), "prod").unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        let garbage = dir.path().join("cluster.key");
+        std::fs::write(&garbage, "c2VjcmV0IGtleSBieXRlcyBoZXJlIDMyIGJ5dGVzIQ==\n").unwrap();
+        let good = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("web-1.pem"),
+            key: dir.path().join("web-1.key"),
+        };
+        let missing = dir.path().join("missing.pem");
+        let cases = [
+            (TlsFiles { ca: garbage.clone(), ..good.clone() }, "ca_file", &garbage, "holds no PEM certificate"),
+            (TlsFiles { cert: garbage.clone(), ..good.clone() }, "cert_file", &garbage, "holds no PEM certificate"),
+            (TlsFiles { key: garbage.clone(), ..good.clone() }, "key_file", &garbage, "holds no PEM private key"),
+            (TlsFiles { key: good.cert.clone(), ..good.clone() }, "key_file", &good.cert, "holds no PEM private key"),
+            (TlsFiles { ca: missing.clone(), ..good.clone() }, "ca_file", &missing, "cannot read it"),
+            (TlsFiles { key: missing.clone(), ..good.clone() }, "key_file", &missing, "cannot read it"),
+        ];
+        for (files, setting, path, why) in cases {
+            let e = load_credentials(&files).unwrap_err();
+            assert_eq!((e.setting, e.path.as_ref()), (setting, Some(path)), "{e}");
+            assert!(e.why.contains(why), "{e}");
+            assert!(e.to_string().starts_with(&format!("{setting} {}: ", path.display())), "{e}");
+        }
     }
 }
