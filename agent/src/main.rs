@@ -90,14 +90,24 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
     match runtime.block_on(daemon::run(prepared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(daemon::RunError::Config(e)) => {
-            tracing::error!("{e}");
+            say_why_it_stopped(&e.to_string());
             ExitCode::from(2)
         }
         Err(daemon::RunError::Runtime(e)) => {
-            tracing::error!("{e:#}");
-            eprintln!("agent: {e:#}");
+            say_why_it_stopped(&format!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Says once why the daemon stopped: in the log when the log shows this error (so a JSON log
+/// keeps it), plainly on stderr when the log filter hides it (`--log-level grapevine_agent=debug`
+/// shows nothing from this binary).
+fn say_why_it_stopped(why: &str) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{why}");
+    } else {
+        eprintln!("agent: {why}");
     }
 }
 

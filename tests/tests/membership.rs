@@ -354,6 +354,23 @@ fn bad_configuration_exits_2_naming_the_setting() {
 }
 
 #[test]
+fn a_busy_port_exits_1_saying_so_once() {
+    let cluster = Cluster::new();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = busy.local_addr().unwrap().to_string();
+    let free = ["--gossip-addr", "127.0.0.1:0", "--data-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0"];
+    for log in [&["--log-format", "text"][..], &["--log-format", "json"], &["--log-level", "grapevine_agent=debug"]] {
+        let mut args = vec!["run", "--dev", "--admin-addr", &admin];
+        args.extend_from_slice(&free);
+        args.extend_from_slice(log);
+        let out = cluster.agent_cmd(&args);
+        assert_eq!(out.status.code(), Some(1), "{log:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches(&format!("cannot bind admin_addr {admin}")).count(), 1, "{log:?}: {err}");
+    }
+}
+
+#[test]
 fn client_commands_say_where_they_looked() {
     let cluster = Cluster::new();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
