@@ -10,6 +10,9 @@ use grapevine_agent::{client, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        end_quietly_on_a_closed_stdout();
+    }
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Keygen => {
@@ -108,6 +111,19 @@ fn say_why_it_stopped(why: &str) {
         tracing::error!("{why}");
     } else {
         eprintln!("agent: {why}");
+    }
+}
+
+/// Lets SIGPIPE end the process, as it ends any Unix tool whose reader went away (`agent status
+/// | head -1`), instead of the Rust default of ignoring it, which makes `println!` panic. Only
+/// for the commands that print: the daemon writes to sockets, where a closed peer is an error
+/// to handle, not a reason to die.
+fn end_quietly_on_a_closed_stdout() {
+    // SAFETY: setting a signal's disposition to the default touches no memory of this program;
+    // it runs before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

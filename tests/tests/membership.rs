@@ -371,6 +371,22 @@ fn a_busy_port_exits_1_saying_so_once() {
 }
 
 #[test]
+fn client_commands_end_quietly_when_their_reader_is_gone() {
+    // `agent keygen | head -0`: the pipe's reader is closed before anything is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(grapevine_tests::agent_bin())
+        .arg("keygen")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no panic, no message");
+}
+
+#[test]
 fn client_commands_say_where_they_looked() {
     let cluster = Cluster::new();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
