@@ -189,7 +189,7 @@ fn client_command(command: Command) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<client::UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -403,6 +403,29 @@ fn client_commands_say_where_they_looked() {
     let out = cluster.agent_cmd(&["route", "nope", "--admin-addr", &admin]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
+    let run = |args: &[&str]| {
+        let out = cluster.agent_cmd(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The API is plain HTTP, so an http:// prefix names the same agent.
+    let out = cluster.agent_cmd(&["members", "--admin-addr", &format!("http://{admin}")]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("solo"), "{out:?}");
+    let (code, err) = run(&["members", "--admin-addr", &format!("https://{admin}")]);
+    assert!(code == Some(2) && err.contains("plain HTTP"), "{err}");
+    let (code, err) = run(&["status", "--admin-addr", "nothost.invalid:1"]);
+    assert!(code == Some(1) && err.contains("nothost.invalid does not resolve"), "{err}");
+    // An HTTP server that is no agent.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut conn in other.incoming().flatten() {
+            use std::io::{Read, Write};
+            let _ = conn.read(&mut [0; 4096]);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>");
+        }
+    });
+    let (code, err) = run(&["status", "--admin-addr", &other_addr]);
+    assert!(code == Some(1) && err.contains("does not look like a grapevine agent"), "{err}");
 }
 
 /// `agent keys ARGS` asked of `a`: the exit code, and stdout then stderr.
