@@ -66,8 +66,9 @@ fn root_cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> &'e (dyn std::err
     cause
 }
 
-/// What a request that got an error status means: the agent's own error, or, when the body is no
-/// agent's error document, a sign that no grapevine agent is listening there.
+/// What a request that got an error status means: the agent's own error (a failure at run time:
+/// the commands check their arguments' form before asking), or, when the body is no agent's
+/// error document, a sign that no grapevine agent is listening there.
 pub fn answer_error(addr: &str, request: &str, status: u16, body: &str) -> anyhow::Error {
     match serde_json::from_str::<ErrorDoc>(body) {
         Ok(e) => ClientError(format!("the agent at {addr} answered {status}: {}", e.error)).into(),
@@ -447,6 +448,7 @@ pub async fn route(service: &str, key: Option<&str>, args: &ClientArgs, env: &dy
 }
 
 pub async fn fire(name: &str, payload: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    crate::events::check_event_name(name).map_err(|e| UsageError(e.to_string()))?;
     let req = FireRequest { name: name.to_string(), payload: payload.map(str::to_string) };
     let doc: serde_json::Value = AdminClient::new(args, env)?.post("/v1/events", &req).await?;
     if args.json {
@@ -546,6 +548,8 @@ pub async fn keys_change(
     } else {
         key.key.clone()
     };
+    // A malformed key is bad usage, found before asking the agent (which checks it again).
+    crate::keys::key_argument(action, &text).map_err(|e| UsageError(e.to_string()))?;
     let req = KeyRequest {
         action,
         key: text,
@@ -726,6 +730,29 @@ mod tests {
         assert_eq!(e.to_string(), "the agent at a:1 answered 404: no service");
         let e = answer_error("a:1", "GET /v1/status", 404, "<html>Not Found</html>");
         assert!(e.to_string().contains("a:1 does not look like a grapevine agent"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn malformed_arguments_are_bad_usage_before_the_agent_is_asked() {
+        // Nothing listens on port 9 of 127.0.0.1; a check that asked the agent would fail to
+        // reach it instead.
+        let client = ClientArgs { admin_addr: Some("127.0.0.1:9".into()), json: false };
+        let key = |k: &str| KeyArgs { key: k.into(), force: false, wait: std::time::Duration::ZERO, client: client.clone() };
+        let env = BTreeMap::new();
+        for (action, k, why) in [
+            (KeyAction::Install, "notakey", "neither a key"),
+            (KeyAction::Install, "0123456789abcdef", "install needs the key itself"),
+            (KeyAction::Remove, "0123", "neither a key"),
+        ] {
+            let e = keys_change(action, &key(k), &env, &mut std::io::empty()).await.unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some() && e.to_string().contains(why), "{k}: {e}");
+        }
+        let e = fire("bad name", None, &client, &env).await.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some() && e.to_string().contains("invalid event name"), "{e}");
+        let e = fire("_agent", None, &client, &env).await.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        let e = keys_change(KeyAction::Remove, &key("0123456789abcdef"), &env, &mut std::io::empty()).await;
+        assert!(e.unwrap_err().to_string().contains("could not reach"), "a well-formed fingerprint is sent");
     }
 
     #[tokio::test]

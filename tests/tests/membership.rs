@@ -426,6 +426,9 @@ fn client_commands_say_where_they_looked() {
     });
     let (code, err) = run(&["status", "--admin-addr", &other_addr]);
     assert!(code == Some(1) && err.contains("does not look like a grapevine agent"), "{err}");
+    // A malformed argument the agent refuses is bad usage.
+    let (code, err) = run(&["keys", "install", "notakey", "--admin-addr", &admin]);
+    assert!(code == Some(2) && err.contains("neither a key"), "{err}");
 }
 
 /// `agent keys ARGS` asked of `a`: the exit code, and stdout then stderr.
