@@ -279,6 +279,10 @@ fn api_registrations_survive_a_restart() {
     let (code, body) = a.put("/v1/services/bad", &json!({"port": 0}));
     assert_eq!(code, 400);
     assert!(body["error"].as_str().unwrap().contains("service[bad].port"), "{body}");
+    // Every error is JSON, a method an endpoint does not take too.
+    let (code, body) = a.post("/v1/status", &json!({}));
+    assert_eq!(code, 405, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("/v1/status does not take POST"), "{body}");
     // DNS answers for SERVICE.service.grapevine: a name with a dot could never be found.
     let (code, body) = a.put("/v1/services/api.v2", &json!({"port": 3000}));
     assert_eq!(code, 400, "{body}");
