@@ -309,12 +309,24 @@ fn bad_configuration_exits_2_naming_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gossip_interval") && err.contains("often") && err.contains("duration"), "{err}");
+    // A misspelt key: named with its value, a close match and where it is in the file.
+    std::fs::write(&file, "region = \"us-east\"\nprobe_intervall = \"1s\"\n").unwrap();
+    let out = cluster.agent_cmd(&["run", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = format!("({}, line 2, column 1)", file.display());
+    assert!(err.contains("probe_intervall = \"1s\": no such setting; did you mean probe_interval?"), "{err}");
+    assert!(err.contains(&at), "{err}");
     let out = cluster.agent_cmd(&["run", "--region", "eu"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster_key_file"));
     let out = cluster.agent_cmd(&["run", "--dev", "--gossip-addr", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gossip_addr"));
+    // `agent cert issue` refuses the node ids `agent run` refuses.
+    let out = cluster.agent_cmd(&["cert", "issue", "--ca", cluster.pki.to_str().unwrap(), "--node", "42", "--out", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node = \"42\""), "{out:?}");
     // A certificate from a CA that ca_file does not hold: every peer would refuse it.
     let other = cluster.dir.path().join("other-pki");
     let other = other.to_str().unwrap();
