@@ -100,9 +100,8 @@ impl AdminClient {
     /// or something there that is no HTTP server.
     async fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
         let cause = root_cause(e);
-        let refused = cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        let refused =
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
         let why = if e.is_timeout() {
             "timed out".to_string()
         } else if refused {
@@ -737,7 +736,8 @@ mod tests {
         // Nothing listens on port 9 of 127.0.0.1; a check that asked the agent would fail to
         // reach it instead.
         let client = ClientArgs { admin_addr: Some("127.0.0.1:9".into()), json: false };
-        let key = |k: &str| KeyArgs { key: k.into(), force: false, wait: std::time::Duration::ZERO, client: client.clone() };
+        let key =
+            |k: &str| KeyArgs { key: k.into(), force: false, wait: std::time::Duration::ZERO, client: client.clone() };
         let env = BTreeMap::new();
         for (action, k, why) in [
             (KeyAction::Install, "notakey", "neither a key"),
@@ -759,10 +759,8 @@ mod tests {
     async fn an_answer_that_is_no_json_is_not_from_an_agent() {
         let args = ClientArgs { admin_addr: Some("127.0.0.1:9".into()), json: false };
         let client = AdminClient::new(&args, &BTreeMap::new()).unwrap();
-        let html = axum::http::Response::builder()
-            .header("content-type", "text/html")
-            .body("<html>hello</html>")
-            .unwrap();
+        let html =
+            axum::http::Response::builder().header("content-type", "text/html").body("<html>hello</html>").unwrap();
         let e = client.document::<StatusDoc>("GET /v1/status", html.into()).await.unwrap_err().to_string();
         assert!(e.contains("127.0.0.1:9 does not look like a grapevine agent"), "{e}");
         assert!(e.contains("GET /v1/status answered 200, not with JSON"), "{e}");

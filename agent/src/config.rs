@@ -384,7 +384,10 @@ impl Layer {
         file::check(text, doc.get_ref()).map_err(|m| (m.error, Some(at(m.at))))?;
         // Numbers in the file are accepted for scalar settings and kept as strings.
         let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            (ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim())), e.span().map(|s| at(s.start)))
+            (
+                ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim())),
+                e.span().map(|s| at(s.start)),
+            )
         })?;
         for (key, _) in SCALAR_SETTINGS {
             if let Some(v) = value.get_mut(*key) {
@@ -397,8 +400,9 @@ impl Layer {
         }
         // The shape was checked above, so serde has nothing left to refuse; if it does, its
         // message is all there is to say.
-        Layer::deserialize(toml::Value::Table(value))
-            .map_err(|e| (ConfigError::new("config", "", format!("a valid configuration ({})", e.message().trim())), None))
+        Layer::deserialize(toml::Value::Table(value)).map_err(|e| {
+            (ConfigError::new("config", "", format!("a valid configuration ({})", e.message().trim())), None)
+        })
     }
 
     /// Reads `AGENT_*` variables.
@@ -1226,7 +1230,10 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
             ("dev = true\nlog_format = \"xml\"", "log_format"),
             ("dev = true\ncolour = \"blue\"", "colour"),
             ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service[a].port"),
-            ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service[a].check.http"),
+            (
+                "dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }",
+                "service[a].check.http",
+            ),
             ("[security]\ncluster_key_file = \"k\"", "region"),
             ("region = \"r\"", "cluster_key_file"),
         ];
@@ -1263,7 +1270,10 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
     fn a_key_in_the_wrong_table_says_where_it_belongs() {
         let e = error_of("dev = true\ncluster_key_file = \"k\"\n");
         assert_eq!((e.setting.as_str(), e.value.as_str()), ("cluster_key_file", "k"), "{e}");
-        assert!(e.allowed.contains("no such setting at the top level; cluster_key_file belongs under [security]"), "{e}");
+        assert!(
+            e.allowed.contains("no such setting at the top level; cluster_key_file belongs under [security]"),
+            "{e}"
+        );
         let e = error_of("dev = true\n[security]\nregion = \"eu\"\n");
         assert_eq!(e.setting, "security.region", "{e}");
         assert!(e.allowed.contains("region belongs at the top level"), "{e}");

@@ -324,7 +324,8 @@ fn bad_configuration_exits_2_naming_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gossip_addr"));
     // `agent cert issue` refuses the node ids `agent run` refuses.
-    let out = cluster.agent_cmd(&["cert", "issue", "--ca", cluster.pki.to_str().unwrap(), "--node", "42", "--out", "x"]);
+    let out =
+        cluster.agent_cmd(&["cert", "issue", "--ca", cluster.pki.to_str().unwrap(), "--node", "42", "--out", "x"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node = \"42\""), "{out:?}");
     // A certificate from a CA that ca_file does not hold: every peer would refuse it.

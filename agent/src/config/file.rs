@@ -16,7 +16,11 @@ enum Shape {
     Text(&'static str),
     Bool,
     /// A whole number from `min` to `max`: "`what` from `min` to `max`".
-    Int { what: &'static str, min: i64, max: i64 },
+    Int {
+        what: &'static str,
+        min: i64,
+        max: i64,
+    },
     /// A list of strings; what each should hold.
     Texts(&'static str),
     Table(&'static Section),
@@ -265,11 +269,8 @@ fn check_table(text: &str, table: &DeTable<'_>, section: &Section, path: &str, o
 
 /// What to say about a key `section` does not take: where it belongs, or a close match.
 fn unknown(section: &Section, key: &str) -> String {
-    let elsewhere: Vec<&str> = SECTIONS
-        .iter()
-        .filter(|s| !std::ptr::eq(**s, section) && s.shape(key).is_some())
-        .map(|s| s.place)
-        .collect();
+    let elsewhere: Vec<&str> =
+        SECTIONS.iter().filter(|s| !std::ptr::eq(**s, section) && s.shape(key).is_some()).map(|s| s.place).collect();
     if !elsewhere.is_empty() {
         return format!("no such setting {}; {key} belongs {}", section.place, either(&elsewhere));
     }

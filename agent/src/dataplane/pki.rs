@@ -150,8 +150,8 @@ pub fn load_credentials(files: &TlsFiles) -> Result<NodeCredentials, Credentials
         })
     };
     let (ca, cert, key) = (read("ca_file", &files.ca)?, read("cert_file", &files.cert)?, read("key_file", &files.key)?);
-    let creds = credentials_from_pem(&ca, &cert, &key)
-        .map_err(|e| CredentialsError { path: path_of(e.setting), ..e })?;
+    let creds =
+        credentials_from_pem(&ca, &cert, &key).map_err(|e| CredentialsError { path: path_of(e.setting), ..e })?;
     Ok(NodeCredentials { files: Some(files.clone()), ..creds })
 }
 
