@@ -55,7 +55,31 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(ready))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see README, \"Admin HTTP API\"") })
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Makes every error answer JSON `{"error": ...}`, as the handlers' own are: axum answers a
+/// method a route does not take with an empty 405, and a bad query or an oversized body with
+/// plain text.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let message = if status == StatusCode::METHOD_NOT_ALLOWED {
+        // axum adds the Allow header after this layer.
+        format!("{path} does not take {method} (the Allow header lists the methods it takes)")
+    } else {
+        // Axum's rejections are short texts; a body too large to read says nothing more.
+        let text = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        if text.is_empty() { status.canonical_reason().unwrap_or("error").to_lowercase() } else { text }
+    };
+    error(status, message)
 }
 
 /// Serves the API until `shutdown` resolves.

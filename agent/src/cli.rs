@@ -100,7 +100,8 @@ pub enum CaCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
-    /// Issue a certificate for one node: DIR/ID.pem and DIR/ID.key.
+    /// Issue a certificate for one node: DIR/ID.pem and DIR/ID.key (never overwrites an existing
+    /// key without --force).
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long, value_name = "DIR")]
@@ -111,6 +112,9 @@ pub enum CertCommand {
         /// Directory to write into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Replace an existing DIR/ID.key (and DIR/ID.pem).
+        #[arg(long)]
+        force: bool,
     },
 }
 

@@ -21,32 +21,100 @@ use crate::membership::keyring::KeyAction;
 #[error("{0}")]
 pub struct ClientError(pub String);
 
+/// Bad usage: an argument the command or the agent refused as malformed. Printed as is, exit
+/// code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// The agent's admin API at one address.
 #[derive(Debug)]
 pub struct AdminClient {
     base: String,
+    /// HOST:PORT, as messages show it.
     addr: String,
     http: reqwest::Client,
 }
 
+/// `--admin-addr` (or `AGENT_ADMIN_ADDR`) as HOST:PORT: `http://` and a trailing `/` are
+/// allowed, since the API is plain HTTP; anything else that is no HOST:PORT is bad usage.
+pub fn parse_admin_addr(given: &str) -> Result<String, UsageError> {
+    let bad = |why: &str| {
+        UsageError(format!("--admin-addr / AGENT_ADMIN_ADDR {given:?}: {why}, such as {DEFAULT_ADMIN_ADDR}"))
+    };
+    let text = given.trim();
+    if text.starts_with("https://") {
+        return Err(bad("the admin API is plain HTTP (no TLS); give HOST:PORT"));
+    }
+    let text = text.strip_prefix("http://").unwrap_or(text);
+    let text = text.strip_suffix('/').unwrap_or(text);
+    if text.contains("://") || text.contains('/') {
+        return Err(bad("HOST:PORT of the agent's admin API, without a scheme or a path"));
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(text.to_string()),
+        _ => Err(bad("HOST:PORT with a port from 1 to 65535")),
+    }
+}
+
+/// The innermost cause of an error: what actually went wrong.
+fn root_cause<'e>(e: &'e (dyn std::error::Error + 'static)) -> &'e (dyn std::error::Error + 'static) {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause
+}
+
+/// What a request that got an error status means: the agent's own error (a failure at run time:
+/// the commands check their arguments' form before asking), or, when the body is no agent's
+/// error document, a sign that no grapevine agent is listening there.
+pub fn answer_error(addr: &str, request: &str, status: u16, body: &str) -> anyhow::Error {
+    match serde_json::from_str::<ErrorDoc>(body) {
+        Ok(e) => ClientError(format!("the agent at {addr} answered {status}: {}", e.error)).into(),
+        Err(_) => not_an_agent(addr, &format!("{request} answered {status}, not with the agent's JSON")),
+    }
+}
+
+fn not_an_agent(addr: &str, why: &str) -> anyhow::Error {
+    ClientError(format!(
+        "what answers at {addr} does not look like a grapevine agent's admin API ({why}); \
+         point --admin-addr / AGENT_ADMIN_ADDR at an agent's admin_addr"
+    ))
+    .into()
+}
+
 impl AdminClient {
-    pub fn new(args: &ClientArgs, env: &dyn Env) -> AdminClient {
-        let addr = args
+    pub fn new(args: &ClientArgs, env: &dyn Env) -> Result<AdminClient, UsageError> {
+        let given = args
             .admin_addr
             .clone()
             .or_else(|| env.var("AGENT_ADMIN_ADDR"))
             .unwrap_or_else(|| DEFAULT_ADMIN_ADDR.to_string());
+        let addr = parse_admin_addr(&given)?;
         let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
-        AdminClient { base: format!("http://{addr}"), addr, http }
+        Ok(AdminClient { base: format!("http://{addr}"), addr, http })
     }
 
-    fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
-        let why = if e.is_connect() {
-            "connection refused"
-        } else if e.is_timeout() {
-            "timed out"
+    /// Why a request got no answer: nothing listening, a name that does not resolve, a timeout,
+    /// or something there that is no HTTP server.
+    async fn unreachable(&self, e: &reqwest::Error) -> anyhow::Error {
+        let cause = root_cause(e);
+        let refused =
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        let why = if e.is_timeout() {
+            "timed out".to_string()
+        } else if refused {
+            "connection refused".to_string()
+        } else if e.is_connect() {
+            let host = self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h);
+            let is_ip = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok();
+            match tokio::net::lookup_host(&self.addr).await {
+                Err(e) if !is_ip => format!("{host} does not resolve: {e}"),
+                _ => cause.to_string(),
+            }
         } else {
-            "request failed"
+            return not_an_agent(&self.addr, &format!("it does not speak HTTP: {cause}"));
         };
         ClientError(format!(
             "could not reach the agent's admin API at {} ({why}).\n\
@@ -57,27 +125,54 @@ impl AdminClient {
         .into()
     }
 
-    async fn check(&self, resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    async fn send(&self, request: &str, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Err(self.unreachable(&e).await),
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        let msg = serde_json::from_str::<ErrorDoc>(&text).map(|e| e.error).unwrap_or(text);
-        Err(ClientError(format!("the agent at {} answered {}: {msg}", self.addr, status.as_u16())).into())
+        Err(answer_error(&self.addr, request, status, &text))
+    }
+
+    /// The answer's JSON document; an answer that is no JSON means no agent answered.
+    async fn document<T: DeserializeOwned>(&self, request: &str, resp: reqwest::Response) -> anyhow::Result<T> {
+        let json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| self.not_answered(request, &e))?;
+        match serde_json::from_slice(&bytes) {
+            Ok(doc) => Ok(doc),
+            Err(e) if json => Err(ClientError(format!(
+                "the agent at {} answered {request} with JSON this command does not understand \
+                 (an agent of another version?): {e}",
+                self.addr
+            ))
+            .into()),
+            Err(_) => Err(not_an_agent(&self.addr, &format!("{request} answered {status}, not with JSON"))),
+        }
+    }
+
+    fn not_answered(&self, request: &str, e: &reqwest::Error) -> anyhow::Error {
+        ClientError(format!("the agent at {} stopped answering {request}: {}", self.addr, root_cause(e))).into()
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let resp = self.http.get(format!("{}{path}", self.base)).send().await.map_err(|e| self.unreachable(&e))?;
-        let resp = self.check(resp).await?;
-        resp.json().await.with_context(|| format!("decoding the answer to GET {path}"))
+        let request = format!("GET {path}");
+        let resp = self.send(&request, self.http.get(format!("{}{path}", self.base))).await?;
+        self.document(&request, resp).await
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> anyhow::Result<T> {
-        let resp =
-            self.http.post(format!("{}{path}", self.base)).json(body).send().await.map_err(|e| self.unreachable(&e))?;
-        let resp = self.check(resp).await?;
-        resp.json().await.with_context(|| format!("decoding the answer to POST {path}"))
+        let request = format!("POST {path}");
+        let resp = self.send(&request, self.http.post(format!("{}{path}", self.base)).json(body)).await?;
+        self.document(&request, resp).await
     }
 }
 
@@ -315,7 +410,7 @@ pub fn render_instances(r: &Route, doc: &ServiceDoc) -> String {
 }
 
 pub async fn status(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let doc: StatusDoc = AdminClient::new(args, env).get("/v1/status").await?;
+    let doc: StatusDoc = AdminClient::new(args, env)?.get("/v1/status").await?;
     if args.json {
         print_json(&doc)
     } else {
@@ -325,7 +420,7 @@ pub async fn status(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
 }
 
 pub async fn members(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let doc: Vec<MemberView> = AdminClient::new(args, env).get("/v1/members").await?;
+    let doc: Vec<MemberView> = AdminClient::new(args, env)?.get("/v1/members").await?;
     if args.json {
         print_json(&doc)
     } else {
@@ -335,7 +430,7 @@ pub async fn members(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
 }
 
 pub async fn services(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let doc: Vec<ServiceDoc> = AdminClient::new(args, env).get("/v1/services").await?;
+    let doc: Vec<ServiceDoc> = AdminClient::new(args, env)?.get("/v1/services").await?;
     if args.json {
         print_json(&doc)
     } else {
@@ -349,7 +444,7 @@ pub async fn route(service: &str, key: Option<&str>, args: &ClientArgs, env: &dy
     if let Some(k) = key {
         path.push_str(&format!("?key={}", urlencode(k)));
     }
-    let client = AdminClient::new(args, env);
+    let client = AdminClient::new(args, env)?;
     let doc: Route = client.get(&path).await?;
     if args.json {
         print_json(&doc)
@@ -362,8 +457,9 @@ pub async fn route(service: &str, key: Option<&str>, args: &ClientArgs, env: &dy
 }
 
 pub async fn fire(name: &str, payload: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
+    crate::events::check_event_name(name).map_err(|e| UsageError(e.to_string()))?;
     let req = FireRequest { name: name.to_string(), payload: payload.map(str::to_string) };
-    let doc: serde_json::Value = AdminClient::new(args, env).post("/v1/events", &req).await?;
+    let doc: serde_json::Value = AdminClient::new(args, env)?.post("/v1/events", &req).await?;
     if args.json {
         print_json(&doc)
     } else {
@@ -374,13 +470,12 @@ pub async fn fire(name: &str, payload: Option<&str>, args: &ClientArgs, env: &dy
 
 /// Prints each event as one JSON line until the agent goes away.
 pub async fn watch(name: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let client = AdminClient::new(args, env);
+    let client = AdminClient::new(args, env)?;
     let mut url = format!("{}/v1/events", client.base);
     if let Some(n) = name {
         url.push_str(&format!("?name={}", urlencode(n)));
     }
-    let resp = client.http.get(&url).send().await.map_err(|e| client.unreachable(&e))?;
-    let resp = client.check(resp).await?;
+    let resp = client.send("GET /v1/events", client.http.get(&url)).await?;
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
@@ -409,7 +504,7 @@ pub async fn watch(name: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyh
 
 /// `agent keys list`.
 pub async fn keys_list(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let doc: KeysDoc = AdminClient::new(args, env).get("/v1/keys").await?;
+    let doc: KeysDoc = AdminClient::new(args, env)?.get("/v1/keys").await?;
     if args.json {
         print_json(&doc)
     } else {
@@ -462,6 +557,8 @@ pub async fn keys_change(
     } else {
         key.key.clone()
     };
+    // A malformed key is bad usage, found before asking the agent (which checks it again).
+    crate::keys::key_argument(action, &text).map_err(|e| UsageError(e.to_string()))?;
     let req = KeyRequest {
         action,
         key: text,
@@ -469,7 +566,7 @@ pub async fn keys_change(
         wait_ms: Some(u64::try_from(key.wait.as_millis()).unwrap_or(u64::MAX)),
     };
     let started = tokio::time::Instant::now();
-    let doc: KeyOpDoc = AdminClient::new(&key.client, env).post("/v1/keys", &req).await?;
+    let doc: KeyOpDoc = AdminClient::new(&key.client, env)?.post("/v1/keys", &req).await?;
     if key.client.json {
         print_json(&doc);
     }
@@ -507,7 +604,7 @@ fn render_action(action: KeyAction) -> &'static str {
 }
 
 pub async fn leave(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let client = AdminClient::new(args, env);
+    let client = AdminClient::new(args, env)?;
     let _: serde_json::Value = client.post("/v1/leave", &serde_json::json!({})).await?;
     println!("the agent at {} is leaving the cluster", client.addr);
     Ok(())
@@ -515,7 +612,7 @@ pub async fn leave(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
 
 /// `agent reload`.
 pub async fn reload(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
-    let client = AdminClient::new(args, env);
+    let client = AdminClient::new(args, env)?;
     let done: Reloaded = client.post("/v1/reload", &serde_json::json!({})).await?;
     if args.json {
         print_json(&done);
@@ -546,6 +643,8 @@ fn urlencode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::cluster::routing::Target;
 
@@ -606,6 +705,81 @@ mod tests {
         assert_eq!(lines[2], ["11bb11bb11bb11bb", "1/2", "1/2", "-", "a"]);
         assert!(text.contains("older agent): c\n"), "{text}");
         assert!(text.contains("old keys): b\n"), "{text}");
+    }
+
+    #[test]
+    fn admin_addresses_are_host_and_port_with_an_optional_http_scheme() {
+        for (given, addr) in [
+            ("127.0.0.1:7070", "127.0.0.1:7070"),
+            ("http://127.0.0.1:7070", "127.0.0.1:7070"),
+            ("http://localhost:7070/", "localhost:7070"),
+            ("[::1]:7070", "[::1]:7070"),
+            (" agent.local:1 ", "agent.local:1"),
+        ] {
+            assert_eq!(parse_admin_addr(given).map_err(|e| e.to_string()).as_deref(), Ok(addr), "{given}");
+        }
+        for (given, why) in [
+            ("https://127.0.0.1:7070", "plain HTTP"),
+            ("127.0.0.1", "with a port"),
+            ("127.0.0.1:0", "with a port"),
+            ("127.0.0.1:70000", "with a port"),
+            (":7070", "with a port"),
+            ("http://127.0.0.1:7070/v1", "without a scheme or a path"),
+            ("ftp://x:1", "without a scheme or a path"),
+        ] {
+            let e = parse_admin_addr(given).unwrap_err().to_string();
+            assert!(e.contains(&format!("{given:?}")) && e.contains(why), "{given}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_error_answer_is_the_agents_or_a_sign_of_something_else_there() {
+        let e = answer_error("a:1", "GET /v1/route/x", 404, &serde_json::json!({"error": "no service"}).to_string());
+        assert!(e.downcast_ref::<ClientError>().is_some(), "{e}");
+        assert_eq!(e.to_string(), "the agent at a:1 answered 404: no service");
+        let e = answer_error("a:1", "GET /v1/status", 404, "<html>Not Found</html>");
+        assert!(e.to_string().contains("a:1 does not look like a grapevine agent"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn malformed_arguments_are_bad_usage_before_the_agent_is_asked() {
+        // Nothing listens on port 9 of 127.0.0.1; a check that asked the agent would fail to
+        // reach it instead.
+        let client = ClientArgs { admin_addr: Some("127.0.0.1:9".into()), json: false };
+        let key =
+            |k: &str| KeyArgs { key: k.into(), force: false, wait: std::time::Duration::ZERO, client: client.clone() };
+        let env = BTreeMap::new();
+        for (action, k, why) in [
+            (KeyAction::Install, "notakey", "neither a key"),
+            (KeyAction::Install, "0123456789abcdef", "install needs the key itself"),
+            (KeyAction::Remove, "0123", "neither a key"),
+        ] {
+            let e = keys_change(action, &key(k), &env, &mut std::io::empty()).await.unwrap_err();
+            assert!(e.downcast_ref::<UsageError>().is_some() && e.to_string().contains(why), "{k}: {e}");
+        }
+        let e = fire("bad name", None, &client, &env).await.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some() && e.to_string().contains("invalid event name"), "{e}");
+        let e = fire("_agent", None, &client, &env).await.unwrap_err();
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e}");
+        let e = keys_change(KeyAction::Remove, &key("0123456789abcdef"), &env, &mut std::io::empty()).await;
+        assert!(e.unwrap_err().to_string().contains("could not reach"), "a well-formed fingerprint is sent");
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_no_json_is_not_from_an_agent() {
+        let args = ClientArgs { admin_addr: Some("127.0.0.1:9".into()), json: false };
+        let client = AdminClient::new(&args, &BTreeMap::new()).unwrap();
+        let html =
+            axum::http::Response::builder().header("content-type", "text/html").body("<html>hello</html>").unwrap();
+        let e = client.document::<StatusDoc>("GET /v1/status", html.into()).await.unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:9 does not look like a grapevine agent"), "{e}");
+        assert!(e.contains("GET /v1/status answered 200, not with JSON"), "{e}");
+        let json = axum::http::Response::builder()
+            .header("content-type", "application/json")
+            .body(r#"{"something": "else"}"#)
+            .unwrap();
+        let e = client.document::<StatusDoc>("GET /v1/status", json.into()).await.unwrap_err().to_string();
+        assert!(e.contains("JSON this command does not understand"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod file;
+
 /// Where environment variables come from.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
@@ -346,18 +348,47 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
 ];
 
 impl Layer {
-    /// Reads a TOML file.
+    /// Reads a TOML file. A bad setting in it is named with the file, line and column.
     pub fn from_file(path: &std::path::Path) -> Result<Layer, ConfigError> {
+        let shown = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("config", path.display().to_string(), format!("a readable file ({e})")))?;
-        Layer::from_toml(&text).map_err(|e| ConfigError { value: path.display().to_string(), ..e })
+            .map_err(|e| ConfigError::new("config", &shown, format!("a readable file ({e})")))?;
+        Layer::parse_toml(&text).map_err(|(e, at)| match at {
+            // The file is the value of a syntax error: say where in it only.
+            Some(at) if e.setting == "config" => {
+                ConfigError { value: shown, allowed: format!("{} ({})", e.allowed, at), ..e }
+            }
+            Some(at) => ConfigError { allowed: format!("{} ({shown}, {at})", e.allowed), ..e },
+            None => ConfigError { allowed: format!("{} (in {shown})", e.allowed), ..e },
+        })
     }
 
+    /// Reads TOML text. A bad setting in it is named with its line and column.
     pub fn from_toml(text: &str) -> Result<Layer, ConfigError> {
-        // Numbers and booleans in the file are accepted for scalar settings and kept as strings.
-        let mut value: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::new("config", "", format!("valid TOML: {}", e.message())))?;
+        Layer::parse_toml(text).map_err(|(e, at)| match at {
+            Some(at) => ConfigError { allowed: format!("{} ({at})", e.allowed), ..e },
+            None => e,
+        })
+    }
+
+    /// The layer, or what is wrong and where ("line L, column C").
+    fn parse_toml(text: &str) -> Result<Layer, (ConfigError, Option<String>)> {
+        let at = |offset: usize| {
+            let (line, column) = file::line_col(text, offset);
+            format!("line {line}, column {column}")
+        };
+        let doc = toml::de::DeTable::parse(text).map_err(|e| {
+            let error = ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim()));
+            (error, e.span().map(|s| at(s.start)))
+        })?;
+        file::check(text, doc.get_ref()).map_err(|m| (m.error, Some(at(m.at))))?;
+        // Numbers in the file are accepted for scalar settings and kept as strings.
+        let mut value: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            (
+                ConfigError::new("config", "", format!("valid TOML: {}", e.message().trim())),
+                e.span().map(|s| at(s.start)),
+            )
+        })?;
         for (key, _) in SCALAR_SETTINGS {
             if let Some(v) = value.get_mut(*key) {
                 match v {
@@ -367,14 +398,10 @@ impl Layer {
                 }
             }
         }
+        // The shape was checked above, so serde has nothing left to refuse; if it does, its
+        // message is all there is to say.
         Layer::deserialize(toml::Value::Table(value)).map_err(|e| {
-            let msg = e.to_string();
-            let setting = unknown_field(&msg).unwrap_or_else(|| "config".to_string());
-            if msg.contains("unknown field") {
-                ConfigError::new(setting, "", "no such setting; `agent run --help` and the README list them all")
-            } else {
-                ConfigError::new(setting, "", format!("a value of the right type ({})", msg.trim()))
-            }
+            (ConfigError::new("config", "", format!("a valid configuration ({})", e.message().trim())), None)
         })
     }
 
@@ -585,19 +612,7 @@ impl Layer {
         let cluster = self.cluster.unwrap_or_else(|| if dev { "dev".into() } else { "default".into() });
         check_name("cluster", &cluster)?;
         if let Some(id) = &self.node_id {
-            check_name("node_id", id)?;
-            // The id is the name in the node's certificate and the server name peers dial it
-            // by, so it must be a DNS name TLS accepts (not "42", "web.1" or an IP address).
-            if !matches!(
-                rustls::pki_types::ServerName::try_from(id.as_str()),
-                Ok(rustls::pki_types::ServerName::DnsName(_))
-            ) {
-                return Err(ConfigError::new(
-                    "node_id",
-                    id,
-                    "a name a certificate can carry: letters, digits, '-' and '.', not all digits after the last '.'",
-                ));
-            }
+            check_node_id("node_id", id)?;
         }
         let region = match self.region {
             Some(r) => r,
@@ -683,7 +698,7 @@ impl Layer {
         }
         let mut upstreams = Vec::new();
         for u in self.upstreams.unwrap_or_default() {
-            check_name("upstream.service", &u.service)?;
+            check_service_name("upstream.service", &u.service)?;
             let listen = socket_addr("upstream.listen", Some(&u.listen), gossip_addr)?;
             upstreams.push(UpstreamConfig { service: u.service, listen });
         }
@@ -701,7 +716,7 @@ impl Layer {
                     }
                 };
                 for r in &i.routes {
-                    check_name("ingress.routes.service", &r.service)?;
+                    check_service_name("ingress.routes.service", &r.service)?;
                     if let Some(p) = &r.path_prefix
                         && !p.starts_with('/')
                     {
@@ -757,17 +772,20 @@ pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Resu
     layer.merge(Layer::from_env(env)?).merge(flags).resolve()
 }
 
+/// Validates one service: from the file, a flag, the environment or `PUT /v1/services/NAME`.
+/// Its settings are named `service[NAME].port` and so on.
 pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
-    check_name("service.name", &s.name)?;
+    check_service_name("service.name", &s.name)?;
+    let setting = |key: &str| format!("service[{}].{key}", s.name);
     if s.port == 0 {
-        return Err(ConfigError::new("service.port", "0", "a port from 1 to 65535"));
+        return Err(ConfigError::new(setting("port"), "0", "a port from 1 to 65535"));
     }
     let weight = s.weight.unwrap_or(grapevine_ring::DEFAULT_WEIGHT);
     if weight == 0 || weight > grapevine_ring::MAX_WEIGHT {
         return Err(ConfigError::new(
-            "service.weight",
+            setting("weight"),
             weight.to_string(),
-            format!("1 to {}", grapevine_ring::MAX_WEIGHT),
+            format!("a weight from 1 to {}", grapevine_ring::MAX_WEIGHT),
         ));
     }
     let check = match s.check {
@@ -776,18 +794,32 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
             let target = match (c.http, c.tcp) {
                 (Some(url), None) => {
                     if !(url.starts_with("http://")) {
-                        return Err(ConfigError::new("service.check.http", url, "an http:// URL"));
+                        return Err(ConfigError::new(setting("check.http"), url, "an http:// URL"));
                     }
                     CheckTarget::Http(url)
                 }
                 (None, Some(addr)) => CheckTarget::Tcp(addr),
-                _ => return Err(ConfigError::new("service.check", "", "exactly one of http or tcp")),
+                (Some(url), Some(addr)) => {
+                    return Err(ConfigError::new(
+                        setting("check"),
+                        format!("http = {url}, tcp = {addr}"),
+                        "only one of http (a URL to GET) or tcp (an address to connect to), not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        setting("check"),
+                        "",
+                        "one of http (a URL to GET, such as http://127.0.0.1:3000/healthz) or tcp (an address \
+                         to connect to, such as 127.0.0.1:5432)",
+                    ));
+                }
             };
-            let interval = duration_in("service.check.interval", c.interval.as_deref(), "2s", ms(100), secs(3600))?;
-            let timeout = duration_in("service.check.timeout", c.timeout.as_deref(), "1s", ms(10), secs(600))?;
+            let interval = duration_in(&setting("check.interval"), c.interval.as_deref(), "2s", ms(100), secs(3600))?;
+            let timeout = duration_in(&setting("check.timeout"), c.timeout.as_deref(), "1s", ms(10), secs(600))?;
             if timeout > interval {
                 return Err(ConfigError::new(
-                    "service.check.timeout",
+                    setting("check.timeout"),
                     humantime::format_duration(timeout).to_string(),
                     "at most the check interval",
                 ));
@@ -795,10 +827,10 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
             let rise = c.rise.unwrap_or(2);
             let fall = c.fall.unwrap_or(2);
             if !(1..=100).contains(&rise) {
-                return Err(ConfigError::new("service.check.rise", rise.to_string(), "1 to 100"));
+                return Err(ConfigError::new(setting("check.rise"), rise.to_string(), "a whole number from 1 to 100"));
             }
             if !(1..=100).contains(&fall) {
-                return Err(ConfigError::new("service.check.fall", fall.to_string(), "1 to 100"));
+                return Err(ConfigError::new(setting("check.fall"), fall.to_string(), "a whole number from 1 to 100"));
             }
             Some(Check { target, interval, timeout, rise, fall })
         }
@@ -816,6 +848,9 @@ pub fn resolve_service(s: ServiceLayer) -> Result<ServiceConfig, ConfigError> {
 // Compact list forms shared by flags and env vars.
 
 const SERVICE_OPTIONS: &[&str] = &["check", "tcp_check", "weight", "pinned", "interval", "timeout", "rise", "fall"];
+/// The `--service` form, for messages.
+const SERVICE_SPEC: &str = "NAME=PORT[,check=URL][,tcp_check=ADDR][,weight=N][,pinned=true][,interval=2s]\
+                            [,timeout=1s][,rise=N][,fall=N], such as profile=3000,check=http://127.0.0.1:3000/healthz";
 const ROUTE_OPTIONS: &[&str] = &["host", "path_prefix", "service"];
 
 /// Splits a comma-separated env var of specs whose own options are comma-separated too: a
@@ -850,13 +885,13 @@ pub fn parse_service_spec(setting: &str, spec: &str) -> Result<ServiceLayer, Con
     let bad = |allowed: &str| ConfigError::new(setting, spec, allowed);
     let mut parts = spec.split(',');
     let first = parts.next().unwrap_or("");
-    let (name, port) = first.split_once('=').ok_or_else(|| bad("NAME=PORT[,check=URL][,weight=N][,pinned=true]"))?;
+    let (name, port) = first.split_once('=').ok_or_else(|| bad(SERVICE_SPEC))?;
     let port: u16 = port.parse().map_err(|_| bad("NAME=PORT with PORT from 1 to 65535"))?;
     let mut s = ServiceLayer { name: name.to_string(), port, ..Default::default() };
     let mut check = CheckLayer::default();
     let mut has_check = false;
     for part in parts {
-        let (k, v) = part.split_once('=').ok_or_else(|| bad("options as key=value"))?;
+        let (k, v) = part.split_once('=').ok_or_else(|| bad(&format!("options as key=value: {SERVICE_SPEC}")))?;
         match k {
             "check" => {
                 check.http = Some(v.to_string());
@@ -872,7 +907,11 @@ pub fn parse_service_spec(setting: &str, spec: &str) -> Result<ServiceLayer, Con
             "timeout" => check.timeout = Some(v.to_string()),
             "rise" => check.rise = Some(v.parse().map_err(|_| bad("rise=N"))?),
             "fall" => check.fall = Some(v.parse().map_err(|_| bad("fall=N"))?),
-            _ => return Err(bad("options check, tcp_check, weight, pinned, interval, timeout, rise, fall")),
+            _ => {
+                let close = file::closest(k, SERVICE_OPTIONS);
+                let hint = close.map(|c| format!("did you mean {c}? ")).unwrap_or_default();
+                return Err(bad(&format!("{hint}options {}: {SERVICE_SPEC}", SERVICE_OPTIONS.join(", "))));
+            }
         }
     }
     if has_check {
@@ -929,6 +968,36 @@ fn parse_bool(setting: &str, v: &str) -> Result<bool, ConfigError> {
 pub fn check_name(setting: &str, v: &str) -> Result<(), ConfigError> {
     let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok { Ok(()) } else { Err(ConfigError::new(setting, v, NAME_ALLOWED)) }
+}
+
+/// A node id: a name, and one a certificate can carry, since it is the name in the node's
+/// certificate and the server name peers dial it by (so not "42", "web.1" or an IP address).
+/// `agent run` and `agent cert issue` check the same.
+pub fn check_node_id(setting: &str, id: &str) -> Result<(), ConfigError> {
+    check_name(setting, id)?;
+    match rustls::pki_types::ServerName::try_from(id) {
+        Ok(rustls::pki_types::ServerName::DnsName(_)) => Ok(()),
+        _ => Err(ConfigError::new(
+            setting,
+            id,
+            "a name a certificate can carry: letters, digits, '-' and '.', not all digits after the last '.'",
+        )),
+    }
+}
+
+/// A service name: one DNS label, since DNS answers for SERVICE.service.grapevine.
+pub fn check_service_name(setting: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty() && v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            setting,
+            v,
+            "a service name is one DNS label: 1 to 63 letters, digits and '-' (no '.': DNS names are \
+             SERVICE.service.grapevine)",
+        ))
+    }
 }
 
 fn socket_addr(setting: &str, v: Option<&str>, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
@@ -992,13 +1061,6 @@ fn int_in(setting: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> R
         Ok(i) if (min..=max).contains(&i) => Ok(i),
         _ => Err(ConfigError::new(setting, text, format!("a whole number from {min} to {max}"))),
     }
-}
-
-/// Picks the setting name out of serde's "unknown field `x`" or "invalid type ... for key `x`".
-fn unknown_field(msg: &str) -> Option<String> {
-    let start = msg.find('`')? + 1;
-    let end = msg[start..].find('`')? + start;
-    Some(msg[start..end].to_string())
 }
 
 #[cfg(test)]
@@ -1167,8 +1229,11 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
             ("dev = true\nregion = \"us east\"", "region"),
             ("dev = true\nlog_format = \"xml\"", "log_format"),
             ("dev = true\ncolour = \"blue\"", "colour"),
-            ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service.port"),
-            ("dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }", "service.check.http"),
+            ("dev = true\n[[service]]\nname = \"a\"\nport = 0", "service[a].port"),
+            (
+                "dev = true\n[[service]]\nname = \"a\"\nport = 1\ncheck = { http = \"ftp://x\" }",
+                "service[a].check.http",
+            ),
             ("[security]\ncluster_key_file = \"k\"", "region"),
             ("region = \"r\"", "cluster_key_file"),
         ];
@@ -1180,6 +1245,132 @@ affinity = { cookie = "meteor_login_token", fallback = "client_ip" }
         let err = Layer::from_env(&env(&[("AGENT_DEV", "maybe")])).unwrap_err();
         assert_eq!(err.setting, "AGENT_DEV");
         assert!(err.to_string().contains("true or false"), "{err}");
+    }
+
+    /// The error `text` gives, from the file or when resolved.
+    fn error_of(text: &str) -> ConfigError {
+        Layer::from_toml(text).and_then(Layer::resolve).unwrap_err()
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_value_line_and_a_close_match() {
+        let e = error_of("dev = true\nprobe_intervall = \"1s\"\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("probe_intervall", "1s"), "{e}");
+        assert!(e.allowed.starts_with("no such setting; did you mean probe_interval?"), "{e}");
+        assert!(e.allowed.ends_with("(line 2, column 1)"), "{e}");
+        let e = error_of("dev = true\ncolour = 3\n");
+        assert_eq!(e.value, "3");
+        assert!(e.allowed.contains("no such setting") && !e.allowed.contains("did you mean"), "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\npinned = true\n");
+        assert_eq!(e.setting, "service[web].pinned", "{e}");
+        assert!(e.allowed.contains("did you mean pinned_to_region?"), "{e}");
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_table_says_where_it_belongs() {
+        let e = error_of("dev = true\ncluster_key_file = \"k\"\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("cluster_key_file", "k"), "{e}");
+        assert!(
+            e.allowed.contains("no such setting at the top level; cluster_key_file belongs under [security]"),
+            "{e}"
+        );
+        let e = error_of("dev = true\n[security]\nregion = \"eu\"\n");
+        assert_eq!(e.setting, "security.region", "{e}");
+        assert!(e.allowed.contains("region belongs at the top level"), "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\nca_file = \"ca.pem\"\n");
+        assert!(e.allowed.contains("ca_file belongs under [security]"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_or_range_says_what_is_allowed() {
+        let svc = |rest: &str| error_of(&format!("dev = true\n[[service]]\nname = \"web\"\n{rest}\n"));
+        let e = svc("port = 70000");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].port", "70000"), "{e}");
+        assert_eq!(e.allowed, "a port from 1 to 65535 (line 4, column 1)");
+        let e = svc("port = \"3000\"");
+        assert!(e.allowed.starts_with("a port from 1 to 65535, without quotes"), "{e}");
+        let e = svc("port = 1\nweight = 20000");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].weight", "20000"), "{e}");
+        assert!(e.allowed.starts_with("a weight from 1 to 10000"), "{e}");
+        let e = svc("port = 1\npinned_to_region = \"yes\"");
+        assert_eq!(e.setting, "service[web].pinned_to_region", "{e}");
+        assert!(e.allowed.starts_with("true or false, without quotes"), "{e}");
+        let e = svc("port = 1\ncheck = { tcp = \"127.0.0.1:1\", interval = 2 }");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service[web].check.interval", "2"), "{e}");
+        assert!(e.allowed.starts_with("a duration such as 2s, in quotes"), "{e}");
+        let e = svc("weight = 5");
+        assert_eq!(e.setting, "service[web].port", "{e}");
+        assert!(e.allowed.starts_with("a port from 1 to 65535 (required)"), "{e}");
+        let e = error_of("dev = 1\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("dev", "1"), "{e}");
+        let e = error_of("dev = true\nregion = [\"eu\"]\n");
+        assert!(e.allowed.starts_with("a single value"), "{e}");
+        let e = error_of("dev = true\n[service]\nname = \"web\"\n");
+        assert!(e.allowed.starts_with("one [[service]] table for each"), "{e}");
+    }
+
+    #[test]
+    fn a_check_takes_one_target() {
+        let e = error_of(
+            "dev = true\n[[service]]\nname = \"web\"\nport = 1\ncheck = { http = \"http://127.0.0.1:1/\", tcp = \"127.0.0.1:1\" }\n",
+        );
+        assert_eq!(e.setting, "service[web].check", "{e}");
+        assert_eq!(e.value, "http = http://127.0.0.1:1/, tcp = 127.0.0.1:1");
+        assert!(e.allowed.contains("only one of http") && e.allowed.contains("not both"), "{e}");
+        let e = parse_service_spec("--service", "web=1,check=http://127.0.0.1:1/,tcp_check=127.0.0.1:1")
+            .and_then(resolve_service)
+            .unwrap_err();
+        assert_eq!(e.setting, "service[web].check", "{e}");
+        let e = error_of("dev = true\n[[service]]\nname = \"web\"\nport = 1\ncheck = { interval = \"1s\" }\n");
+        assert!(e.allowed.starts_with("one of http"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        let e = error_of("dev = true\nregion = \"eu\nzone = 1\n");
+        assert_eq!(e.setting, "config");
+        assert!(e.allowed.starts_with("valid TOML: "), "{e}");
+        assert!(e.allowed.ends_with("(line 2, column 13)"), "{e}");
+    }
+
+    #[test]
+    fn errors_in_a_file_name_the_file_not_as_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c1.toml");
+        std::fs::write(&path, "dev = true\nprobe_intervall = \"1s\"\n").unwrap();
+        let e = Layer::from_file(&path).unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("probe_intervall", "1s"), "{e}");
+        assert!(e.allowed.ends_with(&format!("({}, line 2, column 1)", path.display())), "{e}");
+        std::fs::write(&path, "dev = \n").unwrap();
+        let e = Layer::from_file(&path).unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.clone()), ("config", path.display().to_string()), "{e}");
+        assert!(e.allowed.ends_with("(line 1, column 7)"), "{e}");
+    }
+
+    #[test]
+    fn service_names_are_one_dns_label() {
+        assert!(check_service_name("s", "api-v2").is_ok());
+        for bad in ["api.v2", "a_b", "", "a b"] {
+            let e = check_service_name("service.name", bad).unwrap_err();
+            assert!(e.allowed.contains("one DNS label"), "{bad}: {e}");
+        }
+        let e = error_of("dev = true\n[[service]]\nname = \"api.v2\"\nport = 1\n");
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service.name", "api.v2"));
+        let flag = parse_service_spec("--service", "api.v2=3000").unwrap();
+        assert_eq!(resolve_service(flag).unwrap_err().setting, "service.name");
+        let e = error_of("dev = true\n[[upstream]]\nservice = \"api.v2\"\nlisten = \"127.0.0.1:1\"\n");
+        assert_eq!(e.setting, "upstream.service");
+    }
+
+    #[test]
+    fn a_service_flag_without_a_port_lists_every_option() {
+        let e = parse_service_spec("--service", "web").unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("--service", "web"));
+        for option in SERVICE_OPTIONS {
+            assert!(e.allowed.contains(&format!("{option}=")), "{option}: {e}");
+        }
+        let e = parse_service_spec("--service", "web=1,wieght=5").unwrap_err();
+        assert!(e.allowed.starts_with("did you mean weight?"), "{e}");
     }
 
     #[test]

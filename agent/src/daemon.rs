@@ -78,7 +78,8 @@ pub fn prepare(config: Config) -> Result<Prepared, RunError> {
     Ok(Prepared { config, keyring, node_id, generation, credentials })
 }
 
-/// The node's TLS credentials: from `[security]`, generated in memory in dev, or none.
+/// The node's TLS credentials: from `[security]`, generated in memory in dev, or none. A file
+/// that cannot be used is named by its own setting.
 fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>, RunError> {
     let s = &config.security;
     let creds = match (&s.ca_file, &s.cert_file, &s.key_file) {
@@ -89,23 +90,44 @@ fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>
         (None, None, None) => return Ok(None),
         (Some(ca), Some(cert), Some(key)) => {
             let files = pki::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() };
-            pki::load_credentials(&files).map_err(|e| ConfigError {
-                setting: "cert_file".into(),
-                value: cert.display().to_string(),
-                allowed: format!("PEM files from `agent ca init` and `agent cert issue` ({e:#})"),
+            pki::load_credentials(&files).map_err(|e| {
+                let what = match e.setting {
+                    "ca_file" => "the cluster CA's PEM certificate, such as ca.pem from `agent ca init`",
+                    "cert_file" => "this node's PEM certificate, from `agent cert issue`",
+                    _ => "this node's PEM private key, from `agent cert issue`",
+                };
+                ConfigError {
+                    setting: e.setting.into(),
+                    value: e.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    allowed: format!("{what} ({})", e.why),
+                }
             })?
         }
         _ => {
+            let named = [("ca_file", &s.ca_file), ("cert_file", &s.cert_file), ("key_file", &s.key_file)];
+            let given: Vec<(&str, String)> =
+                named.iter().filter_map(|(k, v)| v.as_ref().map(|p| (*k, p.display().to_string()))).collect();
+            let missing: Vec<&str> = named.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| *k).collect();
+            // Some but not all three are set (none is matched above), so `given` is not empty.
+            let (setting, value) = given[0].clone();
+            let also = given[1..].iter().map(|(k, v)| format!("; {k} = {v:?} is set too")).collect::<String>();
             return Err(ConfigError {
-                setting: "ca_file".into(),
-                value: String::new(),
-                allowed: "ca_file, cert_file and key_file together (or none: the data plane stays off)".into(),
+                setting: setting.into(),
+                value,
+                allowed: format!(
+                    "missing {}{also}: ca_file, cert_file and key_file go together (with none, the data plane is off)",
+                    missing.join(" and ")
+                ),
             }
             .into());
         }
     };
     if let Err(e) = tls::Trust::new(&creds, node_id) {
-        let file = if e.setting() == "ca_file" { &s.ca_file } else { &s.cert_file };
+        let file = match e.setting() {
+            "ca_file" => &s.ca_file,
+            "key_file" => &s.key_file,
+            _ => &s.cert_file,
+        };
         return Err(ConfigError {
             setting: e.setting().into(),
             value: file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),

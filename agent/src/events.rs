@@ -53,6 +53,15 @@ pub enum EventError {
     TooLarge { size: usize, limit: usize },
 }
 
+/// A name users may fire an event under (`agent event fire` checks it before asking the agent).
+pub fn check_event_name(name: &str) -> Result<(), EventError> {
+    check_name("event", name).map_err(|_| EventError::BadName(name.to_string()))?;
+    if name.starts_with(INTERNAL_PREFIX) {
+        return Err(EventError::Reserved(name.to_string()));
+    }
+    Ok(())
+}
+
 /// How far back an event may have been fired and still be delivered by an agent that just
 /// started (allows for clock skew between hosts); older ones were meant for earlier members.
 const STARTUP_SKEW_MS: u64 = 5_000;
@@ -87,10 +96,7 @@ impl EventHub {
 
     /// Checks an event a user is about to fire here.
     pub fn validate(&self, name: &str, payload: &str) -> Result<(), EventError> {
-        check_name("event", name).map_err(|_| EventError::BadName(name.to_string()))?;
-        if name.starts_with(INTERNAL_PREFIX) {
-            return Err(EventError::Reserved(name.to_string()));
-        }
+        check_event_name(name)?;
         if payload.len() > self.max_payload {
             return Err(EventError::TooLarge { size: payload.len(), limit: self.max_payload });
         }

@@ -142,10 +142,11 @@ pub enum RequestError {
     Unsafe(String),
 }
 
-/// Checks a request against this agent's keyring and the cluster, and turns it into the
-/// operation every member applies.
-pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<KeyOp, RequestError> {
-    let text = req.key.trim();
+/// The key argument of `agent keys ACTION KEY` read by its form alone (the client checks it
+/// before asking the agent, the agent again): its fingerprint, and the key itself unless a
+/// fingerprint was given (which `install` refuses).
+pub fn key_argument(action: KeyAction, text: &str) -> Result<(String, Option<String>), RequestError> {
+    let text = text.trim();
     let (fingerprint, key) = match keyring::decode_key(text) {
         Some(k) => (keyring::fingerprint(&k), Some(text.to_string())),
         None if text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()) => (text.to_ascii_lowercase(), None),
@@ -158,6 +159,18 @@ pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<Key
             ));
         }
     };
+    if action == KeyAction::Install && key.is_none() {
+        return Err(RequestError::Invalid(
+            "install needs the key itself (base64, as `agent keygen` prints), not its fingerprint".into(),
+        ));
+    }
+    Ok((fingerprint, key))
+}
+
+/// Checks a request against this agent's keyring and the cluster, and turns it into the
+/// operation every member applies.
+pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<KeyOp, RequestError> {
+    let (fingerprint, key) = key_argument(req.action, &req.key)?;
     let op = |key| KeyOp { action: req.action, fingerprint: fingerprint.clone(), key };
     let members = || snap.members.iter().filter(|m| counted(m));
     let ids = |pred: &dyn Fn(&MemberView) -> bool| -> Vec<String> {
@@ -169,11 +182,6 @@ pub fn prepare(req: &KeyRequest, local: &Keyring, snap: &Snapshot) -> Result<Key
     };
     match req.action {
         KeyAction::Install => {
-            if key.is_none() {
-                return Err(RequestError::Invalid(
-                    "install needs the key itself (base64, as `agent keygen` prints), not its fingerprint".into(),
-                ));
-            }
             unsafe_unless_forced(
                 ids(&|m| !reporting(m)),
                 "{} announce no keyring: unreachable (they would miss the key) or agents from before \

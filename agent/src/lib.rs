@@ -4,6 +4,7 @@
 //!
 //! - `main.rs`: parse the command line, hand over. `cli.rs`: the clap definitions.
 //! - `config.rs`: `Config`, its defaults, the file/env/flag merge and validation.
+//!   `config/file.rs`: the file's shape, checked with line numbers before serde reads it.
 //! - `daemon.rs`: `agent run`: binds, starts membership, health checks and the admin API,
 //!   and shuts down in order (drain, leave, exit).
 //! - `membership/`: the chitchat adapter, the sealed UDP transport and the keyring. Nothing

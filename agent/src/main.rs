@@ -10,6 +10,9 @@ use grapevine_agent::{client, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        end_quietly_on_a_closed_stdout();
+    }
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Keygen => {
@@ -25,8 +28,8 @@ fn main() -> ExitCode {
                 )
             }))
         }
-        Command::Cert(CertCommand::Issue { ca, node, out }) => {
-            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out).map(|_| {
+        Command::Cert(CertCommand::Issue { ca, node, out, force }) => {
+            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out, force).map(|_| {
                 println!(
                     "wrote {} and {}",
                     out.join(format!("{node}.pem")).display(),
@@ -90,23 +93,47 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
     match runtime.block_on(daemon::run(prepared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(daemon::RunError::Config(e)) => {
-            tracing::error!("{e}");
+            say_why_it_stopped(&e.to_string());
             ExitCode::from(2)
         }
         Err(daemon::RunError::Runtime(e)) => {
-            tracing::error!("{e:#}");
-            eprintln!("agent: {e:#}");
+            say_why_it_stopped(&format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Says once why the daemon stopped: in the log when the log shows this error (so a JSON log
+/// keeps it), plainly on stderr when the log filter hides it (`--log-level grapevine_agent=debug`
+/// shows nothing from this binary).
+fn say_why_it_stopped(why: &str) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{why}");
+    } else {
+        eprintln!("agent: {why}");
+    }
+}
+
+/// Lets SIGPIPE end the process, as it ends any Unix tool whose reader went away (`agent status
+/// | head -1`), instead of the Rust default of ignoring it, which makes `println!` panic. Only
+/// for the commands that print: the daemon writes to sockets, where a closed peer is an error
+/// to handle, not a reason to die.
+fn end_quietly_on_a_closed_stdout() {
+    // SAFETY: setting a signal's disposition to the default touches no memory of this program;
+    // it runs before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Exit code 2 for a bad argument (such as a node id the agent would refuse), 1 otherwise.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<config::ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }
@@ -188,7 +215,7 @@ fn client_command(command: Command) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<client::UsageError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
 }

@@ -257,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_needs_a_name_dns_can_answer_for() {
+        let s = LocalServices::new(vec![], None).unwrap();
+        let e = s.register(layer("api.v2", false)).unwrap_err();
+        assert_eq!((e.setting.as_str(), e.value.as_str()), ("service.name", "api.v2"));
+        assert!(e.allowed.contains("one DNS label"), "{e}");
+        assert!(s.records().is_empty());
+    }
+
+    #[test]
     fn registrations_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalServices::new(vec![], Some(dir.path())).unwrap();

@@ -307,7 +307,15 @@ fn api_registrations_survive_a_restart() {
     assert_eq!(code, 200, "{body}");
     let (code, body) = a.put("/v1/services/bad", &json!({"port": 0}));
     assert_eq!(code, 400);
-    assert!(body["error"].as_str().unwrap().contains("service.port"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("service[bad].port"), "{body}");
+    // Every error is JSON, a method an endpoint does not take too.
+    let (code, body) = a.post("/v1/status", &json!({}));
+    assert_eq!(code, 405, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("/v1/status does not take POST"), "{body}");
+    // DNS answers for SERVICE.service.grapevine: a name with a dot could never be found.
+    let (code, body) = a.put("/v1/services/api.v2", &json!({"port": 3000}));
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("one DNS label"), "{body}");
     wait_until("the registration shows", CONVERGE, || a.try_get("/v1/services/profile").is_some());
     let opts = a.opts();
     a.kill();
@@ -330,12 +338,25 @@ fn bad_configuration_exits_2_naming_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gossip_interval") && err.contains("often") && err.contains("duration"), "{err}");
+    // A misspelt key: named with its value, a close match and where it is in the file.
+    std::fs::write(&file, "region = \"us-east\"\nprobe_intervall = \"1s\"\n").unwrap();
+    let out = cluster.agent_cmd(&["run", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = format!("({}, line 2, column 1)", file.display());
+    assert!(err.contains("probe_intervall = \"1s\": no such setting; did you mean probe_interval?"), "{err}");
+    assert!(err.contains(&at), "{err}");
     let out = cluster.agent_cmd(&["run", "--region", "eu"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cluster_key_file"));
     let out = cluster.agent_cmd(&["run", "--dev", "--gossip-addr", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("gossip_addr"));
+    // `agent cert issue` refuses the node ids `agent run` refuses.
+    let out =
+        cluster.agent_cmd(&["cert", "issue", "--ca", cluster.pki.to_str().unwrap(), "--node", "42", "--out", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node = \"42\""), "{out:?}");
     // A certificate from a CA that ca_file does not hold: every peer would refuse it.
     let other = cluster.dir.path().join("other-pki");
     let other = other.to_str().unwrap();
@@ -362,6 +383,53 @@ fn bad_configuration_exits_2_naming_the_setting() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cert_file") && err.contains("not signed by a CA in ca_file"), "{err}");
+    // Some of the three files: the message says which are missing.
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--region", "eu", "--node-id", "n1", "--cluster-key-file", key];
+        args.extend_from_slice(extra);
+        let out = cluster.agent_cmd(&args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--ca-file", ca.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ca_file = ") && err.contains("missing cert_file and key_file"), "{err}");
+    // A file that is no CA certificate is the CA file's fault, not the certificate's.
+    let (code, err) = run(&["--ca-file", key, "--cert-file", &cert, "--key-file", &node_key]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("invalid setting ca_file = {key:?}")) && err.contains("no PEM certificate"), "{err}");
+}
+
+#[test]
+fn a_busy_port_exits_1_saying_so_once() {
+    let cluster = Cluster::new();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = busy.local_addr().unwrap().to_string();
+    let free = ["--gossip-addr", "127.0.0.1:0", "--data-addr", "127.0.0.1:0", "--dns-addr", "127.0.0.1:0"];
+    for log in [&["--log-format", "text"][..], &["--log-format", "json"], &["--log-level", "grapevine_agent=debug"]] {
+        let mut args = vec!["run", "--dev", "--admin-addr", &admin];
+        args.extend_from_slice(&free);
+        args.extend_from_slice(log);
+        let out = cluster.agent_cmd(&args);
+        assert_eq!(out.status.code(), Some(1), "{log:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.matches(&format!("cannot bind admin_addr {admin}")).count(), 1, "{log:?}: {err}");
+    }
+}
+
+#[test]
+fn client_commands_end_quietly_when_their_reader_is_gone() {
+    // `agent keygen | head -0`: the pipe's reader is closed before anything is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(grapevine_tests::agent_bin())
+        .arg("keygen")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no panic, no message");
 }
 
 #[test]
@@ -381,6 +449,32 @@ fn client_commands_say_where_they_looked() {
     let out = cluster.agent_cmd(&["route", "nope", "--admin-addr", &admin]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named"));
+    let run = |args: &[&str]| {
+        let out = cluster.agent_cmd(args);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The API is plain HTTP, so an http:// prefix names the same agent.
+    let out = cluster.agent_cmd(&["members", "--admin-addr", &format!("http://{admin}")]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("solo"), "{out:?}");
+    let (code, err) = run(&["members", "--admin-addr", &format!("https://{admin}")]);
+    assert!(code == Some(2) && err.contains("plain HTTP"), "{err}");
+    let (code, err) = run(&["status", "--admin-addr", "nothost.invalid:1"]);
+    assert!(code == Some(1) && err.contains("nothost.invalid does not resolve"), "{err}");
+    // An HTTP server that is no agent.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for mut conn in other.incoming().flatten() {
+            use std::io::{Read, Write};
+            let _ = conn.read(&mut [0; 4096]);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>");
+        }
+    });
+    let (code, err) = run(&["status", "--admin-addr", &other_addr]);
+    assert!(code == Some(1) && err.contains("does not look like a grapevine agent"), "{err}");
+    // A malformed argument the agent refuses is bad usage.
+    let (code, err) = run(&["keys", "install", "notakey", "--admin-addr", &admin]);
+    assert!(code == Some(2) && err.contains("neither a key"), "{err}");
 }
 
 /// `agent keys ARGS` asked of `a`: the exit code, and stdout then stderr.

@@ -83,7 +83,7 @@ impl Ca {
 
     /// Issues a certificate for `node_id`: (certificate PEM, key PEM).
     pub fn issue(&self, node_id: &str) -> anyhow::Result<(String, String)> {
-        crate::config::check_name("node", node_id)?;
+        crate::config::check_node_id("--node", node_id)?;
         let ca_key = KeyPair::from_pem(&self.key_pem).context("parsing the CA key")?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("parsing the CA certificate")?;
         let mut params = CertificateParams::new(vec![node_id.to_string()])?;
@@ -99,32 +99,59 @@ impl Ca {
     /// Credentials for `node_id`, made in memory (for `--dev` and tests).
     pub fn credentials_for(&self, node_id: &str) -> anyhow::Result<NodeCredentials> {
         let (cert, key) = self.issue(node_id)?;
-        credentials_from_pem(&self.cert_pem, &cert, &key)
+        Ok(credentials_from_pem(&self.cert_pem, &cert, &key)?)
+    }
+}
+
+/// One of the `[security]` files that cannot be used: which setting, the file, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} {}: {why}", .setting, .path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())]
+pub struct CredentialsError {
+    /// `ca_file`, `cert_file` or `key_file`.
+    pub setting: &'static str,
+    /// None for PEM text made in memory.
+    pub path: Option<PathBuf>,
+    pub why: String,
+}
+
+impl CredentialsError {
+    fn new(setting: &'static str, why: impl Into<String>) -> Self {
+        CredentialsError { setting, path: None, why: why.into() }
     }
 }
 
 /// Parses PEM text into credentials.
-pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<NodeCredentials> {
-    let cas = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("the CA file holds no valid PEM certificate")?;
-    if cas.is_empty() {
-        anyhow::bail!("the CA file holds no PEM certificate");
-    }
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("the certificate file holds no valid PEM certificate")?;
-    if chain.is_empty() {
-        anyhow::bail!("the certificate file holds no PEM certificate");
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).context("the key file holds no PEM private key")?;
+pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<NodeCredentials, CredentialsError> {
+    let certificates = |setting: &'static str, pem: &str| {
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialsError::new(setting, format!("it holds no valid PEM certificate ({e})")))?;
+        if certs.is_empty() {
+            return Err(CredentialsError::new(setting, "it holds no PEM certificate"));
+        }
+        Ok(certs)
+    };
+    let cas = certificates("ca_file", ca_pem)?;
+    let chain = certificates("cert_file", cert_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CredentialsError::new("key_file", format!("it holds no PEM private key ({e})")))?;
     Ok(NodeCredentials { cas, identity: Identity { chain, key }, files: None })
 }
 
-/// Reads the `[security]` files.
-pub fn load_credentials(files: &TlsFiles) -> anyhow::Result<NodeCredentials> {
-    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-    let creds = credentials_from_pem(&read(&files.ca)?, &read(&files.cert)?, &read(&files.key)?)?;
+/// Reads the `[security]` files; an error names the file at fault.
+pub fn load_credentials(files: &TlsFiles) -> Result<NodeCredentials, CredentialsError> {
+    let named = [("ca_file", &files.ca), ("cert_file", &files.cert), ("key_file", &files.key)];
+    let path_of = |setting: &str| named.iter().find(|(s, _)| *s == setting).map(|(_, p)| p.to_path_buf());
+    let read = |setting: &'static str, path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| CredentialsError {
+            setting,
+            path: Some(path.to_path_buf()),
+            why: format!("cannot read it ({e})"),
+        })
+    };
+    let (ca, cert, key) = (read("ca_file", &files.ca)?, read("cert_file", &files.cert)?, read("key_file", &files.key)?);
+    let creds =
+        credentials_from_pem(&ca, &cert, &key).map_err(|e| CredentialsError { path: path_of(e.setting), ..e })?;
     Ok(NodeCredentials { files: Some(files.clone()), ..creds })
 }
 
@@ -150,8 +177,14 @@ pub fn ca_init(out: &Path, cluster: &str) -> anyhow::Result<()> {
     Ca::generate(cluster)?.save(out)
 }
 
-/// `agent cert issue --ca DIR --node ID --out DIR`.
-pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path) -> anyhow::Result<()> {
+/// `agent cert issue --ca DIR --node ID --out DIR [--force]`: the node id must be one the agent
+/// accepts, and an existing `DIR/ID.key` is replaced only with `force`.
+pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path, force: bool) -> anyhow::Result<()> {
+    crate::config::check_node_id("--node", node)?;
+    let key_file = out.join(format!("{node}.key"));
+    if key_file.exists() && !force {
+        anyhow::bail!("{} already exists; refusing to overwrite a node key (--force replaces it)", key_file.display());
+    }
     let ca = Ca::load(ca_dir)?;
     let (cert, key) = ca.issue(node)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -168,7 +201,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path(), "prod").unwrap();
         assert!(ca_init(dir.path(), "prod").is_err(), "never overwrites a CA");
-        cert_issue(dir.path(), "web-1", dir.path()).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
         let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("web-1.pem"),
@@ -178,6 +211,25 @@ mod tests {
         assert_eq!(creds.files, Some(files), "kept for reloading");
         assert_eq!(creds.identity.chain.len(), 1);
         assert!(Ca::load(dir.path()).unwrap().issue("bad id!").is_err());
+    }
+
+    #[test]
+    fn cert_issue_takes_the_node_ids_an_agent_takes_and_keeps_an_existing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path(), "prod").unwrap();
+        for bad in ["42", "web.1", "10.0.0.1", "bad id!"] {
+            let e = cert_issue(dir.path(), bad, dir.path(), false).unwrap_err();
+            let e = e.downcast_ref::<crate::config::ConfigError>().expect("a bad setting");
+            assert_eq!((e.setting.as_str(), e.value.as_str()), ("--node", bad));
+            assert!(!dir.path().join(format!("{bad}.pem")).exists());
+        }
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        let key = std::fs::read_to_string(dir.path().join("web-1.key")).unwrap();
+        let e = cert_issue(dir.path(), "web-1", dir.path(), false).unwrap_err().to_string();
+        assert!(e.contains("web-1.key already exists") && e.contains("--force"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "kept");
+        cert_issue(dir.path(), "web-1", dir.path(), true).unwrap();
+        assert_ne!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "replaced with --force");
     }
 
     #[test]
@@ -192,7 +244,47 @@ mod tests {
         let err = super::super::tls::Trust::new(&only_old, "web-1").unwrap_err();
         assert_eq!(err.setting(), "cert_file");
         assert!(err.to_string().contains("not signed by a CA in ca_file"), "{err}");
-        assert!(credentials_from_pem("", &cert, &key).is_err(), "an empty CA file");
-        assert!(credentials_from_pem(&key, &cert, &key).is_err(), "a key where the CA should be");
+        assert_eq!(credentials_from_pem("", &cert, &key).unwrap_err().setting, "ca_file", "an empty CA file");
+        assert_eq!(credentials_from_pem(&key, &cert, &key).unwrap_err().setting, "ca_file", "a key for the CA");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_the_key_files_fault() {
+        let ca = Ca::generate("prod").unwrap();
+        let (cert, _) = ca.issue("web-1").unwrap();
+        let (_, other_key) = ca.issue("web-1").unwrap();
+        let creds = credentials_from_pem(&ca.cert_pem, &cert, &other_key).unwrap();
+        let err = super::super::tls::Trust::new(&creds, "web-1").unwrap_err();
+        assert_eq!(err.setting(), "key_file", "{err}");
+        assert!(err.to_string().contains("the certificate and key do not match"), "{err}");
+    }
+
+    #[test]
+    fn each_file_that_cannot_be_used_names_its_own_setting_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        ca_init(dir.path(), "prod").unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        let garbage = dir.path().join("cluster.key");
+        std::fs::write(&garbage, "c2VjcmV0IGtleSBieXRlcyBoZXJlIDMyIGJ5dGVzIQ==\n").unwrap();
+        let good = TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("web-1.pem"),
+            key: dir.path().join("web-1.key"),
+        };
+        let missing = dir.path().join("missing.pem");
+        let cases = [
+            (TlsFiles { ca: garbage.clone(), ..good.clone() }, "ca_file", &garbage, "holds no PEM certificate"),
+            (TlsFiles { cert: garbage.clone(), ..good.clone() }, "cert_file", &garbage, "holds no PEM certificate"),
+            (TlsFiles { key: garbage.clone(), ..good.clone() }, "key_file", &garbage, "holds no PEM private key"),
+            (TlsFiles { key: good.cert.clone(), ..good.clone() }, "key_file", &good.cert, "holds no PEM private key"),
+            (TlsFiles { ca: missing.clone(), ..good.clone() }, "ca_file", &missing, "cannot read it"),
+            (TlsFiles { key: missing.clone(), ..good.clone() }, "key_file", &missing, "cannot read it"),
+        ];
+        for (files, setting, path, why) in cases {
+            let e = load_credentials(&files).unwrap_err();
+            assert_eq!((e.setting, e.path.as_ref()), (setting, Some(path)), "{e}");
+            assert!(e.why.contains(why), "{e}");
+            assert!(e.to_string().starts_with(&format!("{setting} {}: ", path.display())), "{e}");
+        }
     }
 }

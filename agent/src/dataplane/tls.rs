@@ -42,9 +42,12 @@ pub enum TrustError {
     /// The CA file: the setting is `ca_file`.
     #[error("{0}")]
     Ca(String),
-    /// The certificate or its key: the setting is `cert_file`.
+    /// The certificate: the setting is `cert_file`.
     #[error("{0}")]
     Identity(String),
+    /// The key, which does not go with the certificate: the setting is `key_file`.
+    #[error("{0}")]
+    Key(String),
 }
 
 impl TrustError {
@@ -52,6 +55,7 @@ impl TrustError {
         match self {
             TrustError::Ca(_) => "ca_file",
             TrustError::Identity(_) => "cert_file",
+            TrustError::Key(_) => "key_file",
         }
     }
 }
@@ -156,7 +160,7 @@ fn server_config(
     creds: &NodeCredentials,
     verifier: Arc<dyn ClientCertVerifier>,
 ) -> Result<quinn::ServerConfig, TrustError> {
-    let key_error = |e: rustls::Error| TrustError::Identity(format!("the certificate and key do not match ({e})"));
+    let key_error = |e: rustls::Error| TrustError::Key(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Ca(e.to_string()))?
@@ -178,7 +182,7 @@ pub fn client_config(creds: &NodeCredentials) -> Result<quinn::ClientConfig, Tru
 }
 
 fn client_config_with(creds: &NodeCredentials, roots: Arc<RootCertStore>) -> Result<quinn::ClientConfig, TrustError> {
-    let key_error = |e: rustls::Error| TrustError::Identity(format!("the certificate and key do not match ({e})"));
+    let key_error = |e: rustls::Error| TrustError::Key(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Ca(e.to_string()))?
