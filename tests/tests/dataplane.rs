@@ -272,7 +272,14 @@ fn a_pinned_service_answers_503_instead_of_failing_over() {
     wait_until("two healthy instances", CONVERGE, || healthy(&a, "ledger") == 2);
     assert_eq!(http(addr(port), "GET", "/", &[], b"").unwrap().2, b"east-app");
     east_app.healthy.store(false, Ordering::Relaxed);
-    wait_until("the east instance is out", CONVERGE, || healthy(&a, "ledger") == 1);
+    wait_until("the east instance is out, the west one still in", CONVERGE, || {
+        a.try_get("/v1/services/ledger").is_some_and(|s| {
+            let healthy = |node: &str| {
+                s["endpoints"].as_array().unwrap().iter().any(|e| e["node"] == node && e["healthy"] == true)
+            };
+            !healthy("east-1") && healthy("west-1")
+        })
+    });
     let (status, _, body) = http(addr(port), "GET", "/", &[], b"").unwrap();
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     let body = String::from_utf8_lossy(&body);

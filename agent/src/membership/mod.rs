@@ -532,7 +532,7 @@ async fn snapshot_loop(shared: Arc<Shared>) {
     // JSON ten times a second would dominate the cost of a large cluster.
     let mut local_cache: HashMap<ChitchatId, (u64, Option<MemberRecord>)> = HashMap::new();
     type Remote = (BTreeMap<String, RegionInfo>, Vec<MemberView>);
-    let mut remote_cache: Option<((ChitchatId, u64), Remote)> = None;
+    let mut remote_cache: Option<(Vec<(ChitchatId, u64)>, Remote)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -587,8 +587,8 @@ async fn snapshot_loop(shared: Arc<Shared>) {
             }
             local_cache.retain(|id, _| c.node_states().contains_key(id));
             let gateways = elect_gateways(&records, &incumbents, config.gossip.gateways_per_region);
-            // The other regions, as copied in by one of our gateways: the first elected one that
-            // has done so, else any live member that has.
+            // The other regions, as copied in by our gateways (and any live member that still
+            // holds a copy), the elected ones first.
             let alive: HashSet<&str> = records
                 .iter()
                 .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect))
@@ -600,19 +600,37 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 .filter(|(id, s)| alive.contains(&*id.node_id) && s.get(KEY_REACH).is_some())
                 .collect();
             sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
-            let remote = sources.first().map(|(id, s)| {
-                fingerprint.update(b"~");
-                fingerprint.update(id.node_id.as_bytes());
-                fingerprint.update(&id.generation_id.to_le_bytes());
-                fingerprint.update(&s.max_version().to_le_bytes());
-                let key = ((*id).clone(), s.max_version());
+            // Every copy counts, the preferred one first: a member or region another copy lacks
+            // (a gateway that has just started has not heard every region yet) stays in view;
+            // where copies differ, the preferred one wins. Taking only the preferred copy made a
+            // whole region vanish for a moment whenever a second gateway started.
+            let remote = (!sources.is_empty()).then(|| {
+                let key: Vec<(ChitchatId, u64)> =
+                    sources.iter().map(|(id, s)| ((*id).clone(), s.max_version())).collect();
+                for (id, s) in &sources {
+                    fingerprint.update(b"~");
+                    fingerprint.update(id.node_id.as_bytes());
+                    fingerprint.update(&id.generation_id.to_le_bytes());
+                    fingerprint.update(&s.max_version().to_le_bytes());
+                }
                 if remote_cache.as_ref().is_none_or(|(k, _)| *k != key) {
-                    let reach: BTreeMap<String, RegionInfo> =
-                        s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-                    let members: Vec<MemberView> = s
-                        .iter_prefix(REMOTE_PREFIX)
-                        .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
-                        .collect();
+                    let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
+                    let mut members: Vec<MemberView> = Vec::new();
+                    let mut seen: HashSet<String> = HashSet::new();
+                    for (_, s) in &sources {
+                        let copied: BTreeMap<String, RegionInfo> =
+                            s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+                        for (region, info) in copied {
+                            reach.entry(region).or_insert(info);
+                        }
+                        for (_, v) in s.iter_prefix(REMOTE_PREFIX) {
+                            if let Ok(m) = serde_json::from_str::<MemberView>(&v.value)
+                                && seen.insert(m.id.clone())
+                            {
+                                members.push(m);
+                            }
+                        }
+                    }
                     remote_cache = Some((key, (reach, members)));
                 }
             });
