@@ -98,17 +98,33 @@ async fn splice_upgraded(
 
 /// The service for a request: the first route whose host and path prefix match.
 pub fn pick_service<'a>(config: &'a IngressConfig, host: Option<&str>, path: &str) -> Option<&'a str> {
+    // The port and a trailing dot (`example.com.`, the fully qualified form) do not count.
     let host = host.map(|h| {
-        h.rsplit_once(':').map_or(h, |(name, port)| if port.chars().all(|c| c.is_ascii_digit()) { name } else { h })
+        let name = h
+            .rsplit_once(':')
+            .map_or(h, |(name, port)| if port.chars().all(|c| c.is_ascii_digit()) { name } else { h });
+        name.strip_suffix('.').unwrap_or(name)
     });
     config
         .routes
         .iter()
         .find(|r| {
-            r.host.as_deref().is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want)))
-                && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            r.host
+                .as_deref()
+                .is_none_or(|want| host.is_some_and(|h| h.eq_ignore_ascii_case(want.strip_suffix('.').unwrap_or(want))))
+                && r.path_prefix.as_deref().is_none_or(|p| prefix_matches(p, path))
         })
         .map(|r| r.service.as_str())
+}
+
+/// A path prefix matches whole path segments, as Gateway API's `PathPrefix` does: `/login`
+/// matches `/login` and `/login/x`, not `/loginx`; a prefix ending in `/` matches what is
+/// below it.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
 }
 
 /// The affinity key: the configured cookie, else the configured header, else the client's IP
@@ -255,6 +271,25 @@ mod tests {
         assert_eq!(pick_service(&c, None, "/profile"), Some("web"), "no Host header: host routes never match");
         let only_host = config(&[(Some("a.example"), None, "a")], Affinity::default());
         assert_eq!(pick_service(&only_host, Some("b.example"), "/"), None, "no route: the ingress answers 404");
+        assert_eq!(pick_service(&only_host, Some("a.example."), "/"), Some("a"), "a fully qualified host");
+        assert_eq!(pick_service(&only_host, Some("A.example.:80"), "/"), Some("a"));
+    }
+
+    #[test]
+    fn a_path_prefix_matches_whole_segments() {
+        let c = config(&[(None, Some("/login"), "login"), (None, Some("/api/"), "api")], Affinity::default());
+        for (path, want) in [
+            ("/login", Some("login")),
+            ("/login/", Some("login")),
+            ("/login/oauth/callback", Some("login")),
+            ("/loginx", None),
+            ("/log", None),
+            ("/api/v1", Some("api")),
+            ("/api/", Some("api")),
+            ("/api", None),
+        ] {
+            assert_eq!(pick_service(&c, None, path), want, "{path}");
+        }
     }
 
     #[test]
