@@ -479,7 +479,9 @@ pub async fn watch(name: Option<&str>, args: &ClientArgs, env: &dyn Env) -> anyh
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| anyhow!("the event stream from {} ended: {e}", client.addr))?;
+        // The agent stopped (it left, or was killed) without ending the stream cleanly.
+        let chunk =
+            chunk.map_err(|_| anyhow!("the agent at {} closed the event stream: it left or stopped", client.addr))?;
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buf.find("\n\n") {
             let frame: String = buf.drain(..end + 2).collect();

@@ -763,6 +763,40 @@ impl Layer {
 }
 
 /// Loads the configuration: defaults, then `file`, then the environment, then `flags`.
+/// What each `AGENT_*` variable besides the scalar settings' sets (lower-cased, without `AGENT_`).
+const OTHER_ENV: &[&str] = &[
+    "config",
+    "dev",
+    "join",
+    "service",
+    "upstream",
+    "ingress_listen",
+    "ingress_route",
+    "ingress_affinity_cookie",
+    "ingress_affinity_header",
+    "ingress_affinity_fallback",
+];
+
+/// The `AGENT_*` variables among `names` that no setting reads, each with the one it was most
+/// likely meant to be: a misspelt variable is otherwise ignored without a word. (A warning, not
+/// an error: other tools use the prefix too, such as CI runners' `AGENT_NAME`.)
+pub fn unknown_env_vars(names: impl IntoIterator<Item = String>) -> Vec<(String, Option<String>)> {
+    let known: Vec<&'static str> = SCALAR_SETTINGS.iter().map(|(k, _)| *k).chain(OTHER_ENV.iter().copied()).collect();
+    let mut unknown: Vec<(String, Option<String>)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let key = name.strip_prefix("AGENT_")?.to_ascii_lowercase();
+            if known.contains(&key.as_str()) {
+                return None;
+            }
+            let close = file::closest(&key, &known).map(|k| format!("AGENT_{}", k.to_ascii_uppercase()));
+            Some((name, close))
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Result<Config, ConfigError> {
     let mut layer = Layer::default();
     let file = file.map(PathBuf::from).or_else(|| env.var("AGENT_CONFIG").map(PathBuf::from));
@@ -1066,6 +1100,13 @@ fn int_in(setting: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_variables_no_setting_reads_are_named_with_a_guess() {
+        let names = ["AGENT_REGOIN", "AGENT_REGION", "AGENT_CONFIG", "AGENT_NAME", "PATH", "AGENT_INGRESS_ROUTE"];
+        let unknown = unknown_env_vars(names.map(str::to_string));
+        assert_eq!(unknown, [("AGENT_NAME".to_string(), None), ("AGENT_REGOIN".into(), Some("AGENT_REGION".into()))]);
+    }
 
     #[test]
     fn node_ids_must_be_names_a_certificate_can_carry() {

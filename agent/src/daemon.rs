@@ -151,7 +151,7 @@ fn node_id(config: &Config) -> anyhow::Result<String> {
         && let Ok(id) = std::fs::read_to_string(f)
     {
         let id = id.trim().to_string();
-        if crate::config::check_name("node_id", &id).is_ok() {
+        if crate::config::check_node_id("node_id", &id).is_ok() {
             return Ok(id);
         }
     }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Header, Metadata, ResponseCode};
+use hickory_server::proto::op::{Edns, Header, Metadata, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, SOA, SRV};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -347,7 +347,17 @@ impl Handler {
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
+        // EDNS (RFC 6891): a client that sent an OPT record gets one back, so that an answer
+        // past 512 bytes (16 SRV records with their addresses) fits one UDP reply instead of
+        // coming back truncated and asked again over TCP. 1232 bytes: the DNS flag day's size,
+        // safe from IP fragmentation.
+        let mut edns = Edns::new();
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(asked) = request.edns.as_ref() {
+            edns.set_max_payload(asked.max_payload().clamp(512, EDNS_PAYLOAD));
+            edns.set_version(0);
+            builder.edns(&edns);
+        }
         let failed = || {
             let mut metadata = Metadata::response_from_request(&request.metadata);
             metadata.response_code = ResponseCode::ServFail;
@@ -380,6 +390,9 @@ impl RequestHandler for Handler {
         result.unwrap_or_else(|_| failed())
     }
 }
+
+/// The largest UDP answer sent to a client that allows more than 512 bytes.
+const EDNS_PAYLOAD: u16 = 1232;
 
 /// Serves DNS on `udp` and `tcp` (bound by the caller, before anything starts) until dropped.
 pub async fn serve(udp: tokio::net::UdpSocket, tcp: tokio::net::TcpListener, handler: Handler) {

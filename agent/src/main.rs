@@ -64,6 +64,11 @@ fn run(args: &grapevine_agent::cli::RunArgs) -> ExitCode {
         }
     };
     init_tracing(prepared.config.log_format, &prepared.config.log_level);
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for (name, close) in config::unknown_env_vars(names) {
+        let guess = close.map(|c| format!(" (did you mean {c}?)")).unwrap_or_default();
+        tracing::warn!("{name} is set, but no setting reads it{guess}; ignored");
+    }
     // Every forwarded connection holds sockets; the default soft limit of 1024 files is far
     // below what a sidecar carries. Raise it to the hard limit.
     match rlimit::increase_nofile_limit(u64::MAX) {

@@ -245,7 +245,14 @@ impl Snapshot {
                     .collect();
                 services.sort_by(|a, b| a.name.cmp(&b.name));
                 MemberView {
-                    rtt_ms: if is_local { Some(0.0) } else { rtt(&r.gossip_addr) },
+                    // A member not heard from has no current round-trip time, only its last.
+                    rtt_ms: if is_local {
+                        Some(0.0)
+                    } else if state.is_up() {
+                        rtt(&r.gossip_addr)
+                    } else {
+                        None
+                    },
                     id: r.id,
                     region: r.region,
                     zone: r.zone,

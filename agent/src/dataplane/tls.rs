@@ -99,10 +99,17 @@ impl Trust {
             )));
         }
         let trust_check = |e: rustls::Error| {
-            TrustError::Identity(format!(
-                "the certificate is not signed by a CA in ca_file, so peers would refuse it ({e}); \
-                 issue it with `agent cert issue --ca DIR`, or add its CA to ca_file"
-            ))
+            TrustError::Identity(match e {
+                // BadSignature: a CA of the same name is in the file, but another one signed it.
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+                ) => format!(
+                    "the certificate is not signed by a CA in ca_file, so peers would refuse it ({e}); \
+                     issue it with `agent cert issue --ca DIR`, or add its CA to ca_file"
+                ),
+                // Expired, not yet valid (a clock off), not for client and server use, ...
+                e => format!("peers would refuse the certificate: {e}"),
+            })
         };
         client_verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()).map_err(trust_check)?;
         let server = server_config(creds, client_verifier.clone())?;
