@@ -292,18 +292,22 @@ fn service_records(
 ) -> (Vec<Record>, Vec<Record>) {
     let mut answers = Vec::new();
     let mut additionals = Vec::new();
-    let Some(ring) = snap.rings.get(service) else { return (answers, additionals) };
     let regions = routing::region_order(snap, summary.pinned);
     for (rank, r) in regions.iter().enumerate() {
         if region.is_some_and(|want| want != r) {
             continue;
         }
-        let mut instances: Vec<(u64, &MemberView, u16, u32)> = ring
-            .members()
+        // The instances that may take traffic, as the ring's are, but from the members
+        // themselves: an agent without certificates is in no ring (nothing can forward to it),
+        // yet its app is there to be found.
+        let mut instances: Vec<(u64, &MemberView, u16, u32)> = snap
+            .members
             .iter()
-            .filter(|m| &m.region == r)
-            .filter_map(|m| snap.member(&m.id))
-            .filter_map(|m| m.services.iter().find(|s| s.name == service).map(|s| (s.load, m, s.port, s.weight)))
+            .filter(|m| &m.region == r && m.state.is_up() && !m.draining)
+            .filter_map(|m| {
+                let s = m.services.iter().find(|s| s.name == service && s.healthy && !s.draining)?;
+                (1..=grapevine_ring::MAX_WEIGHT).contains(&s.weight).then_some((s.load, m, s.port, s.weight))
+            })
             .collect();
         instances.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
         for (_, m, port, weight) in instances {
@@ -473,6 +477,22 @@ mod tests {
         assert_eq!(addrs(&answer(&snap, &zone(), &name("w1.node.grapevine."), RecordType::A)), ["10.0.1.1"]);
         let nothing_of_that_type = answer(&snap, &zone(), &name("web.service.grapevine."), RecordType::AAAA);
         assert_negative(&nothing_of_that_type, ResponseCode::NoError, "AAAA of IPv4 hosts");
+    }
+
+    #[test]
+    fn an_instance_on_an_agent_without_a_data_plane_is_still_found() {
+        let mut gossip_only = host("e3", "east", [10, 0, 0, 3], &[("web", true)]);
+        gossip_only.data_addr = None;
+        gossip_only.gossip_addr = SocketAddr::from(([10, 0, 0, 3], 7946));
+        let snap = Snapshot::build(
+            local("e1", "east"),
+            vec![host("e1", "east", [10, 0, 0, 1], &[("web", true)]), gossip_only],
+            &|_| None,
+            1,
+        );
+        assert!(!snap.rings["web"].members().iter().any(|m| m.id == "e3"), "no agent can forward to it");
+        let a = answer(&snap, &zone(), &name("web.service.grapevine."), RecordType::A);
+        assert_eq!(addrs(&a), ["10.0.0.1", "10.0.0.3"], "but its app is there to be found");
     }
 
     #[test]
