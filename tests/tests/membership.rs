@@ -72,27 +72,40 @@ fn five_agents_converge_then_see_a_crash_and_a_leave() {
 }
 
 #[test]
-fn the_last_member_of_a_region_leaving_shows_as_left_in_the_others() {
+fn the_last_members_of_a_region_leaving_show_as_left_in_the_others() {
     let cluster = Cluster::new();
     let mut agents = cluster.start_many("e", "eu", 2, None);
     let seed = agents[0].gossip;
-    agents.extend(cluster.start_many("a", "ap", 1, Some(seed)));
-    wait_until("all three see three alive", CONVERGE, || all_alive(&agents, 3));
-    // a1 is its region's only member, so its own gateway: nobody else can speak for it.
-    let mut leaver = agents.pop().unwrap();
-    assert!(leaver.terminate().success());
-    wait_until("the other region sees it left", CONVERGE, || {
+    let mut region = cluster.start_many("a", "ap", 2, Some(seed));
+    agents.extend(cluster.start_many("w", "us", 1, Some(seed)));
+    wait_until("all five see five alive", CONVERGE, || {
+        agents.iter().chain(&region).all(|a| a.states().len() == 5 && a.states().values().all(|s| s == "alive"))
+    });
+    // ap's two gateways leave one after the other, the smaller id first; then us's only one.
+    let mut a2 = region.pop().unwrap();
+    let mut a1 = region.pop().unwrap();
+    assert!(a1.terminate().success());
+    wait_until("the others see a1 left", CONVERGE, || {
         agents.iter().all(|a| a.state_of("a1").as_deref() == Some("left"))
     });
-    // Its WAN heartbeat has stopped for good: it stays left, not unreachable.
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(a2.terminate().success());
+    let mut w1 = agents.pop().unwrap();
+    assert!(w1.terminate().success());
+    let gone = ["a1", "a2", "w1"];
+    wait_until("eu sees them all left", CONVERGE, || {
+        agents.iter().all(|a| gone.iter().all(|id| a.state_of(id).as_deref() == Some("left")))
+    });
+    // Their regions' WAN heartbeats have stopped for good: they stay left, not unreachable.
+    std::thread::sleep(Duration::from_secs(5));
     for a in &agents {
-        assert_eq!(a.state_of("a1").as_deref(), Some("left"), "on {}", a.id);
+        for id in gone {
+            assert_eq!(a.state_of(id).as_deref(), Some("left"), "{id} on {}", a.id);
+        }
         assert_eq!(a.get("/v1/status")["cluster"]["unreachable"], 0);
     }
     let out = cluster.agent_cmd(&["status", "--admin-addr", &agents[0].admin.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("region ap  (every member left"), "{text}");
+    assert!(text.contains("region ap  (every member left") && text.contains("region us  (every member left"), "{text}");
 }
 
 #[test]

@@ -398,15 +398,19 @@ async fn import(shared: &Shared, heard: &mut HashMap<ChitchatId, (u64, Instant)>
                 .and_then(|s| s.get(KEY_GATEWAYS))
                 .map(|l| l.split(',').filter(|id| !id.is_empty()).map(str::to_string).collect());
             // Fresh ones first, credible ones next, then by id (and the newest instance of a
-            // restarted gateway).
-            gateways.sort_by(|a, b| {
-                (!a.0, !a.3, &a.1.node_id, std::cmp::Reverse(a.1.generation_id)).cmp(&(
-                    !b.0,
-                    !b.3,
-                    &b.1.node_id,
-                    std::cmp::Reverse(b.1.generation_id),
-                ))
-            });
+            // restarted gateway). Among silent ones the last heard from goes first: it has the
+            // region's latest word (the last of a region's gateways to leave says that every
+            // member left; an earlier one still shows it alive, which would read unreachable).
+            let key = |g: &(bool, &ChitchatId, Instant, bool)| {
+                (
+                    !g.0,
+                    !g.3,
+                    (!g.0).then_some(std::cmp::Reverse(g.2)),
+                    g.1.node_id.clone(),
+                    std::cmp::Reverse(g.1.generation_id),
+                )
+            };
+            gateways.sort_by_key(key);
             let reachable = gateways.iter().any(|g| g.0);
             // An unreachable region shows the gateways it last listed, not every former one.
             let mut ids: Vec<String> = gateways
