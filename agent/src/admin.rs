@@ -165,7 +165,13 @@ async fn route(State(s): State<AdminState>, Path(service): Path<String>, Query(q
     let mut rng = rand::rng();
     let mut pick = |n: usize| rand::RngExt::random_range(&mut rng, 0..n);
     match routing::route(&snap, &service, q.key.as_deref(), &mut pick) {
-        Ok(r) => Json(r).into_response(),
+        Ok(mut r) => {
+            if let Some(dp) = &s.dataplane {
+                let nodes = r.chosen.iter().chain(&r.failover).map(|t| t.node.as_str());
+                r.ejected = dp.ejected_now(&service, nodes);
+            }
+            Json(r).into_response()
+        }
         Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }

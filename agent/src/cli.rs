@@ -115,6 +115,11 @@ pub enum CertCommand {
         /// Replace an existing DIR/ID.key (and DIR/ID.pem).
         #[arg(long)]
         force: bool,
+        /// How long the certificate is good for, in days (default: until 2100). Agents pick up
+        /// a new one with `agent reload`; `dataplane_certificate_expiry_seconds` says when
+        /// theirs ends.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: Option<u32>,
     },
 }
 

@@ -374,6 +374,9 @@ pub fn render_route(r: &Route) -> String {
             format!("load {}", t.load),
         ]);
     }
+    for row in rows.iter_mut().filter(|row| row.len() > 2 && r.ejected.contains(&row[1])) {
+        row.push("ejected here: tried after the others".into());
+    }
     out.push_str(&table(&rows, "  "));
     out
 }
@@ -388,7 +391,9 @@ pub fn render_instances(r: &Route, doc: &ServiceDoc) -> String {
     let mut rows = vec![["REGION", "NODE", "STATE", "HEALTH", "LOAD", "ROUTE"].map(String::from).to_vec()];
     for e in endpoints {
         let health = health_label(e);
-        let route = if in_route.contains(&e.node.as_str()) {
+        let route = if r.ejected.contains(&e.node) {
+            "yes, but ejected here for now (it failed): tried after the others"
+        } else if in_route.contains(&e.node.as_str()) {
             "yes"
         } else if rank(&e.region) == usize::MAX {
             "no (region not considered)"
@@ -626,7 +631,15 @@ pub async fn reload(args: &ClientArgs, env: &dyn Env) -> anyhow::Result<()> {
         1 => "; closed 1 connection whose peer's certificate it no longer trusts".into(),
         n => format!("; closed {n} connections whose peers' certificates it no longer trusts"),
     };
-    println!("the agent at {} reloaded its certificates: it trusts {cas}{closed}", client.addr);
+    let until = done
+        .not_after
+        .and_then(|s| u64::try_from(s).ok())
+        .map(|s| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+            format!("; its certificate is good until {}", &humantime::format_rfc3339_seconds(at).to_string()[..10])
+        })
+        .unwrap_or_default();
+    println!("the agent at {} reloaded its certificates: it trusts {cas}{closed}{until}", client.addr);
     Ok(())
 }
 
@@ -667,6 +680,7 @@ mod tests {
             chosen: Some(t("east-2", "us-east")),
             failover: vec![t("west-1", "us-west")],
             regions: vec!["us-east".into(), "us-west".into()],
+            ejected: vec!["west-1".into()],
         };
         let e = |node: &str, region: &str, healthy: bool, draining: bool| {
             serde_json::json!({"node": node, "region": region, "zone": "z", "state": "alive", "healthy": healthy,
@@ -684,8 +698,10 @@ mod tests {
         let rows: Vec<Vec<&str>> = lines[2..].iter().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(rows[0], ["us-east", "east-1", "alive", "unhealthy", "3", "no"]);
         assert_eq!(rows[1], ["us-east", "east-2", "alive", "healthy", "3", "yes"]);
-        assert_eq!(rows[2], ["us-west", "west-1", "alive", "healthy", "3", "yes"]);
+        assert_eq!(rows[2][..6], ["us-west", "west-1", "alive", "healthy", "3", "yes,"]);
+        assert!(lines[4].contains("ejected here for now"), "{text}");
         assert_eq!(rows[3], ["us-west", "west-2", "alive", "draining", "3", "no"]);
+        assert!(render_route(&route).lines().any(|l| l.contains("west-1") && l.contains("ejected here")));
     }
 
     #[test]

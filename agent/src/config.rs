@@ -342,7 +342,7 @@ pub const SCALAR_SETTINGS: &[(&str, &str)] = &[
     ("event_max_payload", "largest event payload in bytes"),
     ("event_ttl", "how long an event can still reach members"),
     ("cluster_key_file", "gossip keyring file (base64 keys, one per line, first seals)"),
-    ("ca_file", "cluster CA certificate (PEM)"),
+    ("ca_file", "cluster CA certificates (PEM; two while the CA is replaced)"),
     ("cert_file", "this node's certificate (PEM)"),
     ("key_file", "this node's private key (PEM)"),
 ];

@@ -428,11 +428,11 @@ async fn reload_on_hangup(dataplane: Option<Arc<DataPlane>>) {
     while hup.recv().await.is_some() {
         match &dataplane {
             None => tracing::warn!("SIGHUP: the data plane is off, so there are no certificates to reload"),
-            Some(dp) => {
-                if let Err(e) = dp.reload_files().await {
-                    tracing::error!(error = %e, "SIGHUP: reloading the certificates failed");
-                }
-            }
+            Some(dp) => match dp.reload_files().await {
+                Ok(_) => {}
+                Err(e @ crate::dataplane::ReloadError::InMemory) => tracing::warn!("SIGHUP: {e}"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: reloading the certificates failed"),
+            },
         }
     }
 }

@@ -28,8 +28,8 @@ fn main() -> ExitCode {
                 )
             }))
         }
-        Command::Cert(CertCommand::Issue { ca, node, out, force }) => {
-            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out, force).map(|_| {
+        Command::Cert(CertCommand::Issue { ca, node, out, force, days }) => {
+            report(grapevine_agent::dataplane::pki::cert_issue(&ca, &node, &out, force, days).map(|_| {
                 println!(
                     "wrote {} and {}",
                     out.join(format!("{node}.pem")).display(),

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub ejections: Counter,
     /// Forwarded connections closed after `idle_timeout` without a byte either way.
     pub idle_closed: Counter,
+    /// When this node's certificate stops being valid (Unix seconds; 0 without one).
+    pub cert_expiry: Gauge,
     pub ingress_requests: Family<CodeLabel, Counter>,
     pub dns_queries: Family<KindLabel, Counter>,
     /// Members in each gossip pool this agent belongs to (`region`, `wan`).
@@ -130,6 +132,10 @@ impl Metrics {
             "QUIC peers refused: failed handshakes (foreign CA, no certificate) and identity mismatches",
             peers_refused.clone(),
         );
+        // At 0 from the start, so that an alert on any of them has a series to watch.
+        for reason in ["handshake", "handshake_timeout", "handshake_out", "identity", "untrusted"] {
+            drop(peers_refused.get_or_create(&ReasonLabel { reason }));
+        }
         let streams = Family::<StreamLabel, Counter>::default();
         registry.register(
             "dataplane_streams",
@@ -147,6 +153,12 @@ impl Metrics {
             "dataplane_idle_closed",
             "Forwarded connections closed after idle_timeout without a byte either way",
             idle_closed.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "dataplane_certificate_expiry_seconds",
+            "When this node's certificate stops being valid, in Unix seconds (set at start and on reload)",
+            cert_expiry.clone(),
         );
         let ingress_requests = Family::<CodeLabel, Counter>::default();
         registry.register("ingress_requests", "Ingress requests by response status", ingress_requests.clone());
@@ -222,6 +234,7 @@ impl Metrics {
             streams,
             ejections,
             idle_closed,
+            cert_expiry,
             ingress_requests,
             dns_queries,
             pool_size,

@@ -38,6 +38,10 @@ pub struct Route {
     pub failover: Vec<Target>,
     /// The regions considered, nearest first.
     pub regions: Vec<String>,
+    /// Instances of the route that this agent has ejected for now (they failed here): tried
+    /// only after the others. Filled in by the agent, not by [`route`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ejected: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +84,7 @@ pub fn route(
         chosen: None,
         failover: Vec::new(),
         regions: regions.clone(),
+        ejected: Vec::new(),
     };
     let Some(ring) = snap.rings.get(service) else { return Ok(route) };
     let target = |id: &str| {

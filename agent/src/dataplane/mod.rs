@@ -367,6 +367,8 @@ pub struct DataPlane {
     files: Option<pki::TlsFiles>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Failed handshakes, in both directions: logged every 10 s at most.
+    handshake_log: crate::membership::transport::RateLimitedLog,
     /// Connections peers opened to us, by `stable_id`, with the peer's node id: what a reload
     /// checks again (the ones we opened are in `peers`).
     inbound: Mutex<HashMap<usize, (String, quinn::Connection)>>,
@@ -389,6 +391,23 @@ pub struct Reloaded {
     pub cas: usize,
     /// Open connections closed because the peer's certificate is no longer trusted.
     pub closed: usize,
+    /// When this node's certificate stops being valid (Unix seconds).
+    pub not_after: Option<i64>,
+}
+
+/// Shows when this node's certificate ends (`dataplane_certificate_expiry_seconds`), and warns
+/// when that is less than two weeks away.
+fn note_expiry(metrics: &Metrics, creds: &pki::NodeCredentials) -> Option<i64> {
+    let not_after = pki::not_after(&creds.identity.chain[0])?;
+    metrics.cert_expiry.set(not_after);
+    let left = not_after - crate::membership::unix_ms() as i64 / 1000;
+    if left < 14 * 86_400 {
+        tracing::warn!(
+            days_left = left / 86_400,
+            "this node's certificate expires soon: issue a new one (`agent cert issue`) and `agent reload`"
+        );
+    }
+    Some(not_after)
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -435,6 +454,7 @@ impl DataPlane {
     ) -> anyhow::Result<Arc<DataPlane>> {
         let runtime = Arc::new(udp::ReadOnlyRegistration);
         let trust = Arc::new(tls::Trust::new(creds, node_id)?);
+        note_expiry(&metrics, creds);
         let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(trust.server.clone()), socket, runtime)
                 .context("starting the QUIC endpoint")?;
@@ -454,6 +474,7 @@ impl DataPlane {
             trust_epoch: AtomicU64::new(0),
             files: creds.files.clone(),
             reloading: tokio::sync::Mutex::new(()),
+            handshake_log: crate::membership::transport::RateLimitedLog::new(Duration::from_secs(10)),
             inbound: Mutex::new(HashMap::new()),
         }))
     }
@@ -490,7 +511,11 @@ impl DataPlane {
                     Ok(Ok(c)) => c,
                     Ok(Err(e)) => {
                         dp.metrics.refused("handshake");
-                        tracing::debug!(%remote, error = %e, "QUIC handshake failed");
+                        // A foreign CA, a certificate from a dropped one, no certificate: worth
+                        // a word, not one per attempt.
+                        if let Some(n) = dp.handshake_log.tick() {
+                            tracing::warn!(%remote, error = %e, refused = n, "refused a QUIC peer's handshake (its certificate is not from a CA in ca_file?)");
+                        }
                         return;
                     }
                     Err(_) => {
@@ -774,6 +799,9 @@ impl DataPlane {
                     {
                         // Our verifier refused its certificate, or it refused ours.
                         self.metrics.refused("handshake_out");
+                        if let Some(n) = self.handshake_log.tick() {
+                            tracing::warn!(peer = node, %addr, error = %e, refused = n, "a QUIC handshake with a peer failed on its certificate or ours");
+                        }
                     }
                     Err(format!("QUIC handshake: {e}").into())
                 }
@@ -818,9 +846,21 @@ impl DataPlane {
     /// Credentials that would cut this node off are refused and the old ones kept.
     pub async fn reload(&self, creds: &pki::NodeCredentials) -> Result<Reloaded, ReloadError> {
         let _one = self.reloading.lock().await;
-        let trust = Arc::new(tls::Trust::new(creds, &self.node_id).map_err(|e| ReloadError::Invalid(e.to_string()))?);
+        let trust = Arc::new(tls::Trust::new(creds, &self.node_id).map_err(|e| {
+            // The file at fault, as at start.
+            let file = creds.files.as_ref().map(|f| match e.setting() {
+                "ca_file" => &f.ca,
+                "key_file" => &f.key,
+                _ => &f.cert,
+            });
+            match file {
+                Some(path) => ReloadError::Invalid(format!("{} {}: {e}", e.setting(), path.display())),
+                None => ReloadError::Invalid(e.to_string()),
+            }
+        })?);
         self.endpoint.set_server_config(Some(trust.server.clone()));
         *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust.clone();
+        let not_after = note_expiry(&self.metrics, creds);
         self.trust_epoch.fetch_add(1, Ordering::AcqRel);
         let mut closed = 0;
         let inbound: Vec<(String, quinn::Connection)> =
@@ -842,7 +882,7 @@ impl DataPlane {
             }
         }
         tracing::info!(cas = trust.cas, closed, "reloaded the certificates");
-        Ok(Reloaded { cas: trust.cas, closed })
+        Ok(Reloaded { cas: trust.cas, closed, not_after })
     }
 
     /// Whether the current CAs vouch for the certificate `conn`'s peer presented; `role` is the
@@ -858,8 +898,17 @@ impl DataPlane {
 
     fn untrusted(&self, conn: &quinn::Connection, peer: &str) {
         self.metrics.refused("untrusted");
-        tracing::warn!(peer, remote = %conn.remote_address(), "closed a connection: the peer's certificate is no longer trusted");
+        tracing::warn!(
+            peer,
+            remote = %conn.remote_address(),
+            "closed a connection made with a certificate the CAs no longer vouch for (the peer may dial again with a newer one)"
+        );
         conn.close(2u32.into(), b"certificate no longer trusted");
+    }
+
+    /// Which of `nodes` this agent has ejected for `service` now.
+    pub fn ejected_now<'a>(&self, service: &str, nodes: impl Iterator<Item = &'a str>) -> Vec<String> {
+        nodes.filter(|n| self.is_ejected(service, n)).map(str::to_string).collect()
     }
 
     fn is_ejected(&self, service: &str, node: &str) -> bool {

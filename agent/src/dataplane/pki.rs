@@ -61,6 +61,7 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, format!("grapevine cluster CA {name}"));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = valid_from();
         params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
@@ -83,6 +84,11 @@ impl Ca {
 
     /// Issues a certificate for `node_id`: (certificate PEM, key PEM).
     pub fn issue(&self, node_id: &str) -> anyhow::Result<(String, String)> {
+        self.issue_for(node_id, None)
+    }
+
+    /// Issues a certificate for `node_id` good for `days` (`None`: until 2100).
+    pub fn issue_for(&self, node_id: &str, days: Option<u32>) -> anyhow::Result<(String, String)> {
         crate::config::check_node_id("--node", node_id)?;
         let ca_key = KeyPair::from_pem(&self.key_pem).context("parsing the CA key")?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).context("parsing the CA certificate")?;
@@ -90,7 +96,11 @@ impl Ca {
         params.distinguished_name.push(DnType::CommonName, node_id);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        params.not_before = valid_from();
+        params.not_after = match days {
+            Some(d) => time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(d)),
+            None => rcgen::date_time_ymd(2100, 1, 1),
+        };
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -101,6 +111,18 @@ impl Ca {
         let (cert, key) = self.issue(node_id)?;
         Ok(credentials_from_pem(&self.cert_pem, &cert, &key)?)
     }
+}
+
+/// When a certificate starts being valid: an hour ago, so that a peer whose clock is a little
+/// behind accepts it at once (rcgen's default is 1975).
+fn valid_from() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() - time::Duration::hours(1)
+}
+
+/// When a certificate stops being valid, in Unix seconds.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.validity().not_after.timestamp())
 }
 
 /// One of the `[security]` files that cannot be used: which setting, the file, and why.
@@ -179,14 +201,14 @@ pub fn ca_init(out: &Path, cluster: &str) -> anyhow::Result<()> {
 
 /// `agent cert issue --ca DIR --node ID --out DIR [--force]`: the node id must be one the agent
 /// accepts, and an existing `DIR/ID.key` is replaced only with `force`.
-pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path, force: bool) -> anyhow::Result<()> {
+pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path, force: bool, days: Option<u32>) -> anyhow::Result<()> {
     crate::config::check_node_id("--node", node)?;
     let key_file = out.join(format!("{node}.key"));
     if key_file.exists() && !force {
         anyhow::bail!("{} already exists; refusing to overwrite a node key (--force replaces it)", key_file.display());
     }
     let ca = Ca::load(ca_dir)?;
-    let (cert, key) = ca.issue(node)?;
+    let (cert, key) = ca.issue_for(node, days)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join(format!("{node}.pem")), cert)?;
     write_private(&out.join(format!("{node}.key")), &key)
@@ -201,7 +223,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path(), "prod").unwrap();
         assert!(ca_init(dir.path(), "prod").is_err(), "never overwrites a CA");
-        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false, None).unwrap();
         let files = TlsFiles {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("web-1.pem"),
@@ -218,18 +240,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path(), "prod").unwrap();
         for bad in ["42", "web.1", "10.0.0.1", "bad id!"] {
-            let e = cert_issue(dir.path(), bad, dir.path(), false).unwrap_err();
+            let e = cert_issue(dir.path(), bad, dir.path(), false, None).unwrap_err();
             let e = e.downcast_ref::<crate::config::ConfigError>().expect("a bad setting");
             assert_eq!((e.setting.as_str(), e.value.as_str()), ("--node", bad));
             assert!(!dir.path().join(format!("{bad}.pem")).exists());
         }
-        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false, None).unwrap();
         let key = std::fs::read_to_string(dir.path().join("web-1.key")).unwrap();
-        let e = cert_issue(dir.path(), "web-1", dir.path(), false).unwrap_err().to_string();
+        let e = cert_issue(dir.path(), "web-1", dir.path(), false, None).unwrap_err().to_string();
         assert!(e.contains("web-1.key already exists") && e.contains("--force"), "{e}");
         assert_eq!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "kept");
-        cert_issue(dir.path(), "web-1", dir.path(), true).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), true, None).unwrap();
         assert_ne!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "replaced with --force");
+    }
+
+    #[test]
+    fn a_certificate_is_good_from_an_hour_ago_for_the_days_asked() {
+        let ca = Ca::generate("prod").unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let der = |pem: &str| CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (cert, _) = ca.issue_for("web-1", Some(30)).unwrap();
+        let until = not_after(&der(&cert)).unwrap();
+        assert!((until - now - 30 * 86_400).abs() < 60, "30 days: {until} from {now}");
+        let cert_der = der(&cert);
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert_der).unwrap();
+        let from = x509.validity().not_before.timestamp();
+        assert!((now - from - 3600).abs() < 60, "an hour ago: {from}");
+        let (forever, _) = ca.issue("web-1").unwrap();
+        assert_eq!(not_after(&der(&forever)), Some(rcgen::date_time_ymd(2100, 1, 1).unix_timestamp()));
     }
 
     #[test]
@@ -263,7 +301,7 @@ mod tests {
     fn each_file_that_cannot_be_used_names_its_own_setting_and_path() {
         let dir = tempfile::tempdir().unwrap();
         ca_init(dir.path(), "prod").unwrap();
-        cert_issue(dir.path(), "web-1", dir.path(), false).unwrap();
+        cert_issue(dir.path(), "web-1", dir.path(), false, None).unwrap();
         let garbage = dir.path().join("cluster.key");
         std::fs::write(&garbage, "c2VjcmV0IGtleSBieXRlcyBoZXJlIDMyIGJ5dGVzIQ==\n").unwrap();
         let good = TlsFiles {

@@ -103,10 +103,9 @@ impl Trust {
                 // BadSignature: a CA of the same name is in the file, but another one signed it.
                 rustls::Error::InvalidCertificate(
                     rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
-                ) => format!(
-                    "the certificate is not signed by a CA in ca_file, so peers would refuse it ({e}); \
-                     issue it with `agent cert issue --ca DIR`, or add its CA to ca_file"
-                ),
+                ) => "the certificate is not signed by a CA in ca_file, so peers would refuse it; \
+                      issue it with `agent cert issue --ca DIR`, or add its CA to ca_file"
+                    .to_string(),
                 // Expired, not yet valid (a clock off), not for client and server use, ...
                 e => format!("peers would refuse the certificate: {e}"),
             })
@@ -163,11 +162,20 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Why the certificate and key cannot make an identity.
+fn key_error(e: rustls::Error) -> TrustError {
+    TrustError::Key(match e {
+        rustls::Error::InconsistentKeys(_) => {
+            "the certificate and key do not match: the key is not this certificate's".into()
+        }
+        e => format!("the key cannot be used with the certificate: {e}"),
+    })
+}
+
 fn server_config(
     creds: &NodeCredentials,
     verifier: Arc<dyn ClientCertVerifier>,
 ) -> Result<quinn::ServerConfig, TrustError> {
-    let key_error = |e: rustls::Error| TrustError::Key(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Ca(e.to_string()))?
@@ -189,7 +197,6 @@ pub fn client_config(creds: &NodeCredentials) -> Result<quinn::ClientConfig, Tru
 }
 
 fn client_config_with(creds: &NodeCredentials, roots: Arc<RootCertStore>) -> Result<quinn::ClientConfig, TrustError> {
-    let key_error = |e: rustls::Error| TrustError::Key(format!("the certificate and key do not match ({e})"));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Ca(e.to_string()))?
