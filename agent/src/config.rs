@@ -637,9 +637,19 @@ impl Layer {
         let data_addr = socket_addr("data_addr", self.data_addr.as_deref(), SocketAddr::new(loopback, 7947))?;
         let gossip_advertise = optional_socket_addr("gossip_advertise", self.gossip_advertise.as_deref())?;
         let data_advertise = optional_socket_addr("data_advertise", self.data_advertise.as_deref())?;
+        // The client commands read the same setting and take `http://127.0.0.1:7070/` and
+        // `localhost:7070`: so does the agent, or one AGENT_ADMIN_ADDR could not serve both.
+        let admin_given = self.admin_addr.as_deref().map(|a| {
+            let a = a.strip_prefix("http://").unwrap_or(a);
+            let a = a.strip_suffix('/').unwrap_or(a);
+            match a.strip_prefix("localhost:") {
+                Some(port) => format!("127.0.0.1:{port}"),
+                None => a.to_string(),
+            }
+        });
         let admin_addr = socket_addr(
             "admin_addr",
-            self.admin_addr.as_deref(),
+            admin_given.as_deref(),
             DEFAULT_ADMIN_ADDR.parse().unwrap_or_else(|_| unreachable!()),
         )?;
         let dns_addr =
@@ -1100,6 +1110,23 @@ fn int_in(setting: &str, v: Option<&str>, default: u64, min: u64, max: u64) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admin_address_takes_the_forms_the_client_commands_take() {
+        for (given, want) in [
+            ("127.0.0.1:7071", "127.0.0.1:7071"),
+            ("http://127.0.0.1:7072/", "127.0.0.1:7072"),
+            ("localhost:7073", "127.0.0.1:7073"),
+        ] {
+            let c = Layer { dev: Some(true), admin_addr: Some(given.into()), ..Default::default() }.resolve().unwrap();
+            assert_eq!(c.admin_addr.to_string(), want, "{given}");
+        }
+        assert!(
+            Layer { dev: Some(true), admin_addr: Some("https://127.0.0.1:7070".into()), ..Default::default() }
+                .resolve()
+                .is_err()
+        );
+    }
 
     #[test]
     fn agent_variables_no_setting_reads_are_named_with_a_guess() {
