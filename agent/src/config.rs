@@ -810,10 +810,20 @@ pub fn unknown_env_vars(names: impl IntoIterator<Item = String>) -> Vec<(String,
 pub fn load(file: Option<&std::path::Path>, env: &dyn Env, flags: Layer) -> Result<Config, ConfigError> {
     let mut layer = Layer::default();
     let file = file.map(PathBuf::from).or_else(|| env.var("AGENT_CONFIG").map(PathBuf::from));
-    if let Some(path) = file {
-        layer = layer.merge(Layer::from_file(&path)?);
+    if let Some(path) = &file {
+        layer = layer.merge(Layer::from_file(path)?);
     }
-    layer.merge(Layer::from_env(env)?).merge(flags).resolve()
+    layer.merge(Layer::from_env(env)?).merge(flags).resolve().map_err(|e| {
+        // A value the file has right in type but not in range is found only now: say where.
+        let text = file.as_ref().and_then(|p| std::fs::read_to_string(p).ok().map(|t| (p, t)));
+        match text.and_then(|(p, t)| file::position_of(&t, &e.setting, &e.value).map(|o| (p, file::line_col(&t, o)))) {
+            Some((path, (line, column))) => ConfigError {
+                allowed: format!("{} ({}, line {line}, column {column})", e.allowed, path.display()),
+                ..e
+            },
+            None => e,
+        }
+    })
 }
 
 /// Validates one service: from the file, a flag, the environment or `PUT /v1/services/NAME`.

@@ -344,6 +344,32 @@ fn shown(text: &str, value: &toml::Spanned<DeValue<'_>>) -> String {
     if first.chars().count() > 60 { format!("{}...", first.chars().take(60).collect::<String>()) } else { first.into() }
 }
 
+/// Where in the file `setting` (as a [`ConfigError`] names it: `probe_interval`, `ca_file`,
+/// `ingress.listen`, `service[web].port`) is set to `value`, as a byte offset: for an error
+/// found only once the layers are merged (a duration out of range), so that it too can say
+/// where. `None` if the file does not set it so (the value came from elsewhere).
+pub(super) fn position_of(text: &str, setting: &str, value: &str) -> Option<usize> {
+    let doc = DeTable::parse(text).ok()?;
+    let doc = doc.get_ref();
+    let at = |table: &DeTable<'_>, key: &str| {
+        let (k, v) = table.get_key_value(key)?;
+        (shown(text, v) == value).then_some(k.span().start)
+    };
+    if let Some((array, rest)) = setting.split_once('[') {
+        // `service[web].port`: the table of the array whose label (name, service) is `web`.
+        let (label, key) = rest.split_once("].")?;
+        let tables = doc.get(array)?.get_ref().as_array()?;
+        return tables.iter().filter_map(|t| t.get_ref().as_table()).find_map(|t| {
+            let named = ["name", "service"].iter().any(|l| t.get(*l).and_then(|v| v.get_ref().as_str()) == Some(label));
+            if named { at(t, key) } else { None }
+        });
+    }
+    if let Some((table, key)) = setting.split_once('.') {
+        return at(doc.get(table)?.get_ref().as_table()?, key);
+    }
+    at(doc, setting).or_else(|| at(doc.get("security")?.get_ref().as_table()?, setting))
+}
+
 /// The 1-based line and column (in characters) of a byte offset.
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = text.get(..offset.min(text.len())).unwrap_or(text);
@@ -355,6 +381,19 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_setting_is_found_where_the_file_sets_it() {
+        let text = "region = \"eu\"\nprobe_interval = \"0s\"\n[security]\nca_file = \"ca.pem\"\n\
+                    [[service]]\nname = \"web\"\nweight = 0\nport = 80\n[ingress]\nlisten = \"x\"\n";
+        let line = |setting: &str, value: &str| position_of(text, setting, value).map(|o| line_col(text, o).0);
+        assert_eq!(line("probe_interval", "0s"), Some(2));
+        assert_eq!(line("probe_interval", "1s"), None, "the file says something else: the value came from elsewhere");
+        assert_eq!(line("ca_file", "ca.pem"), Some(4));
+        assert_eq!(line("service[web].weight", "0"), Some(7));
+        assert_eq!(line("ingress.listen", "x"), Some(10));
+        assert_eq!(line("zone", "x"), None);
+    }
 
     #[test]
     fn every_scalar_setting_has_one_place_in_the_file() {
