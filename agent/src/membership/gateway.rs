@@ -73,6 +73,9 @@ pub(crate) async fn gateway_loop(shared: Arc<Shared>) {
             // tell the other regions, which would show it unreachable, not left.
             if shared.wan.lock().await.is_some() {
                 publish(&shared, &snap).await;
+                // Its copy of the other regions stays current too: in a region of one it is
+                // the only copy there is.
+                listed = import(&shared, &mut heard).await.unwrap_or(listed);
             }
             continue;
         }

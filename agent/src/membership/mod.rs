@@ -589,21 +589,25 @@ async fn snapshot_loop(shared: Arc<Shared>) {
             let gateways = elect_gateways(&records, &incumbents, config.gossip.gateways_per_region);
             // The other regions, as copied in by our gateways (and any live member that still
             // holds a copy), the elected ones first.
-            let alive: HashSet<&str> = records
+            // By generation too: chitchat keeps a restarted member's old state, frozen copy
+            // and all, for `dead_node_grace`.
+            let alive: HashSet<(&str, u64)> = records
                 .iter()
                 .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect))
-                .map(|r| r.id.as_str())
+                .map(|r| (r.id.as_str(), r.generation))
                 .collect();
             let mut sources: Vec<(&ChitchatId, &NodeState)> = c
                 .node_states()
                 .iter()
-                .filter(|(id, s)| alive.contains(&*id.node_id) && s.get(KEY_REACH).is_some())
+                .filter(|(id, s)| alive.contains(&(&*id.node_id, id.generation_id)) && s.get(KEY_REACH).is_some())
                 .collect();
             sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
-            // Every copy counts, the preferred one first: a member or region another copy lacks
-            // (a gateway that has just started has not heard every region yet) stays in view;
-            // where copies differ, the preferred one wins. Taking only the preferred copy made a
-            // whole region vanish for a moment whenever a second gateway started.
+            // Every copy counts, region by region: each region, its reachability and all its
+            // members come from the first copy (preferred first) that has heard of it. A region
+            // another copy lacks (a gateway that has just started has not heard every region
+            // yet) stays in view; taking only the preferred copy made a whole region vanish for
+            // a moment whenever a second gateway started. Never member by member: a member one
+            // copy still holds after its region dropped it would stay routable.
             let remote = (!sources.is_empty()).then(|| {
                 let key: Vec<(ChitchatId, u64)> =
                     sources.iter().map(|(id, s)| ((*id).clone(), s.max_version())).collect();
@@ -616,18 +620,24 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 if remote_cache.as_ref().is_none_or(|(k, _)| *k != key) {
                     let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
                     let mut members: Vec<MemberView> = Vec::new();
-                    let mut seen: HashSet<String> = HashSet::new();
                     for (_, s) in &sources {
                         let copied: BTreeMap<String, RegionInfo> =
                             s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+                        let theirs: Vec<MemberView> = s
+                            .iter_prefix(REMOTE_PREFIX)
+                            .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
+                            .collect();
+                        // The regions this copy speaks for: those no earlier copy has.
+                        let new: HashSet<String> = copied
+                            .keys()
+                            .chain(theirs.iter().map(|m| &m.region))
+                            .filter(|r| !reach.contains_key(*r) && !members.iter().any(|m| &m.region == *r))
+                            .cloned()
+                            .collect();
+                        members.extend(theirs.into_iter().filter(|m| new.contains(&m.region)));
                         for (region, info) in copied {
-                            reach.entry(region).or_insert(info);
-                        }
-                        for (_, v) in s.iter_prefix(REMOTE_PREFIX) {
-                            if let Ok(m) = serde_json::from_str::<MemberView>(&v.value)
-                                && seen.insert(m.id.clone())
-                            {
-                                members.push(m);
+                            if new.contains(&region) {
+                                reach.insert(region, info);
                             }
                         }
                     }
