@@ -231,11 +231,9 @@ pub fn render_status(s: &StatusDoc) -> String {
             Some(info) => {
                 let gateways =
                     if info.gateways.is_empty() { "none known".to_string() } else { info.gateways.join(", ") };
-                let gone = s
-                    .members
-                    .iter()
-                    .filter(|m| &m.region == region)
-                    .all(|m| matches!(m.state, MemberState::Left | MemberState::Dead));
+                let mut in_region = s.members.iter().filter(|m| &m.region == region).peekable();
+                let gone = in_region.peek().is_some()
+                    && in_region.all(|m| matches!(m.state, MemberState::Left | MemberState::Dead));
                 let reach = if region == &n.region {
                     "this region"
                 } else if gone {

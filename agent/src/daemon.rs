@@ -345,7 +345,10 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         })
     };
     let checks = tokio::spawn(crate::health::supervise(services.clone(), metrics.clone()));
-    background.push(tokio::spawn(reload_on_hangup(dataplane.clone())));
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hup) => background.push(tokio::spawn(reload_on_hangup(hup, dataplane.clone()))),
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP"),
+    }
 
     let (leave_tx, mut leave_rx) = watch::channel(false);
     let (stop_admin_tx, mut stop_admin_rx) = watch::channel(false);
@@ -416,15 +419,8 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
 
 /// SIGHUP reads the `[security]` files again (as `agent reload` does). Without the handler a
 /// SIGHUP would end the agent with no drain.
-async fn reload_on_hangup(dataplane: Option<Arc<DataPlane>>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP");
-            return;
-        }
-    };
+/// `hup` is made before the agent says it is ready, so that no SIGHUP from then on is fatal.
+async fn reload_on_hangup(mut hup: tokio::signal::unix::Signal, dataplane: Option<Arc<DataPlane>>) {
     while hup.recv().await.is_some() {
         match &dataplane {
             None => tracing::warn!("SIGHUP: the data plane is off, so there are no certificates to reload"),

@@ -208,12 +208,14 @@ fn after_kill_9_of_an_instance_requests_succeed_on_the_others() {
         let (status, _, body) = http(addr(port), "GET", "/", &[], b"").expect("request after the kill");
         assert_eq!((status, body.as_slice()), (200, &b"app-1"[..]));
         slowest = slowest.max(t.elapsed());
-        slow += usize::from(t.elapsed() > Duration::from_secs(1));
+        // The request that finds the peer silent waits at least 2 s (a timeout); 1.8 s leaves
+        // room for an ordinary request on a loaded machine.
+        slow += usize::from(t.elapsed() > Duration::from_millis(1800));
     }
     assert!(slowest < Duration::from_secs(5), "slowest request {slowest:?}");
     // The one that found the dead peer silent waited; the dead instance was ejected then, so no
     // later request waits for it while membership makes up its mind.
-    assert!(slow <= 1, "{slow} requests took over 1 s");
+    assert!(slow <= 1, "{slow} requests took over 1.8 s");
     assert!(start.elapsed() < Duration::from_secs(30));
 }
 

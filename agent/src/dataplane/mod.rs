@@ -65,7 +65,8 @@ const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// One peer's connection and dialling history.
 #[derive(Debug, Default)]
 struct PeerSlot {
-    conn: Option<quinn::Connection>,
+    /// The connection, and whether the peer has answered a stream on it yet.
+    conn: Option<(quinn::Connection, Arc<AtomicBool>)>,
     backoff: DialBackoff,
 }
 
@@ -236,14 +237,19 @@ impl Ejections {
     /// answer to a stream header in time): it may have died without a word, and every request
     /// sent its way would wait as long until membership says so (a few seconds). Ejected at
     /// once, for at least [`SILENT_EJECT`]; returns the backoff.
-    pub fn silent(&mut self, service: &str, node: &str, now: Instant) -> Duration {
+    pub fn silent(&mut self, service: &str, node: &str, now: Instant) -> Option<Duration> {
         let e = self.by_instance.entry((service.to_string(), node.to_string())).or_default();
+        if let Some(until) = e.until.filter(|u| now < *u) {
+            // Already out (many requests timed out on one stall at once): not ejected again.
+            e.until = Some(until.max(now + SILENT_EJECT));
+            return None;
+        }
         let backoff =
             (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections.min(16))).clamp(SILENT_EJECT, EJECT_MAX);
         e.until = Some(now + backoff);
         e.ejections += 1;
         e.failures = 0;
-        backoff
+        Some(backoff)
     }
 
     pub fn succeeded(&mut self, service: &str, node: &str) {
@@ -370,8 +376,10 @@ pub struct DataPlane {
     /// Failed handshakes, in both directions: logged every 10 s at most.
     handshake_log: crate::membership::transport::RateLimitedLog,
     /// Connections peers opened to us, by `stable_id`, with the peer's node id: what a reload
-    /// checks again (the ones we opened are in `peers`).
+    /// checks again.
     inbound: Mutex<HashMap<usize, (String, quinn::Connection)>>,
+    /// Connections we opened, likewise (closed ones are pruned as new ones come).
+    outbound: Mutex<HashMap<usize, (String, quinn::Connection)>>,
 }
 
 /// Why a reload kept the credentials in use.
@@ -476,6 +484,7 @@ impl DataPlane {
             reloading: tokio::sync::Mutex::new(()),
             handshake_log: crate::membership::transport::RateLimitedLog::new(Duration::from_secs(10)),
             inbound: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -714,13 +723,13 @@ impl DataPlane {
         }
         let member = snap.member(&target.node).ok_or("not in the snapshot")?;
         let addr = member.data_addr.ok_or("announces no data address")?;
-        let conn = self.connection(&target.node, addr).await?;
+        let (conn, answered) = self.connection(&target.node, addr).await?;
         // Waits for stream credit if the peer has none to give right now (it raises the
         // credit as streams stay open, but not past `tls::MAX_STREAMS`).
         let (mut send, mut recv) = match tokio::time::timeout(ANSWER_TIMEOUT, conn.open_bi()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.forget_connection(&target.node).await;
+                self.forget_connection(&target.node, &conn).await;
                 return Err(format!("opening a stream: {e}").into());
             }
             Err(_) => return Err("the peer gave no stream credit in time".into()),
@@ -735,14 +744,19 @@ impl DataPlane {
         header::write_header(&mut send, &h).await.map_err(|e| format!("sending the header: {e}"))?;
         let mut answer = [0u8; 1];
         match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_exact(&mut answer)).await {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => answered.store(true, Ordering::Relaxed),
             Ok(Err(e)) => {
-                self.forget_connection(&target.node).await;
+                self.forget_connection(&target.node, &conn).await;
                 return Err(format!("no answer: {e}").into());
             }
             Err(_) => {
                 // A peer that does not answer may be gone: the next attempt starts afresh.
-                self.forget_connection(&target.node).await;
+                self.forget_connection(&target.node, &conn).await;
+                // Unless it has not answered on this connection yet: it may still be waiting
+                // for membership to list us (up to PEER_LOOKUP_WAIT) before it answers at all.
+                if !answered.load(Ordering::Relaxed) {
+                    return Err("no answer in time on a connection it has not answered on yet".into());
+                }
                 return Err(Failed::silent("no answer in time"));
             }
         }
@@ -758,21 +772,26 @@ impl DataPlane {
         peers.entry(node.to_string()).or_default().clone()
     }
 
-    /// Drops the connection to a peer that stopped answering: the next request dials afresh.
-    async fn forget_connection(&self, node: &str) {
-        self.peer_slot(node).lock().await.conn = None;
+    /// Drops the connection to a peer that stopped answering, if it is still the one cached
+    /// (not one dialled since): the next request dials afresh.
+    async fn forget_connection(&self, node: &str, conn: &quinn::Connection) {
+        let slot = self.peer_slot(node);
+        let mut slot = slot.lock().await;
+        if slot.conn.as_ref().is_some_and(|(c, _)| c.stable_id() == conn.stable_id()) {
+            slot.conn = None;
+        }
     }
 
     /// The connection to a peer, reused, or a new one (the server name is its node id, which
     /// its certificate must name). Requests to one peer wait for one handshake together;
     /// after a failed handshake the peer is not dialled again until its backoff has passed,
     /// and requests fail at once so the caller moves on to the next instance.
-    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<quinn::Connection, Failed> {
+    async fn connection(&self, node: &str, addr: SocketAddr) -> Result<(quinn::Connection, Arc<AtomicBool>), Failed> {
         let slot = self.peer_slot(node);
         let mut slot = slot.lock().await;
-        if let Some(c) = &slot.conn {
+        if let Some((c, answered)) = &slot.conn {
             if c.close_reason().is_none() && c.remote_address() == addr {
-                return Ok(c.clone());
+                return Ok((c.clone(), answered.clone()));
             }
             slot.conn = None;
         }
@@ -820,8 +839,12 @@ impl DataPlane {
         match result {
             Ok(conn) => {
                 slot.backoff = DialBackoff::default();
-                slot.conn = Some(conn.clone());
-                Ok(conn)
+                let answered = Arc::new(AtomicBool::new(false));
+                slot.conn = Some((conn.clone(), answered.clone()));
+                let mut outbound = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+                outbound.retain(|_, (_, c)| c.close_reason().is_none());
+                outbound.insert(conn.stable_id(), (node.to_string(), conn.clone()));
+                Ok((conn, answered))
             }
             Err(e) => {
                 slot.backoff.failed(addr, Instant::now());
@@ -871,12 +894,15 @@ impl DataPlane {
                 closed += 1;
             }
         }
-        let slots: Vec<(String, Arc<tokio::sync::Mutex<PeerSlot>>)> =
-            self.peers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(n, s)| (n.clone(), s.clone())).collect();
-        for (node, slot) in slots {
-            // Waits out a handshake in progress (at most HANDSHAKE_TIMEOUT).
-            let mut slot = slot.lock().await;
-            if let Some(conn) = slot.conn.take_if(|c| !self.still_trusted(c, &node, Role::Server)) {
+        // Every connection we dialled that is still open, cached or not (a forgotten one may
+        // still carry splices). A closed one is dialled afresh by the next request.
+        let outbound: Vec<(String, quinn::Connection)> = {
+            let mut outbound = self.outbound.lock().unwrap_or_else(|e| e.into_inner());
+            outbound.retain(|_, (_, c)| c.close_reason().is_none());
+            outbound.values().cloned().collect()
+        };
+        for (node, conn) in outbound {
+            if !self.still_trusted(&conn, &node, Role::Server) {
                 self.untrusted(&conn, &node);
                 closed += 1;
             }
@@ -918,7 +944,7 @@ impl DataPlane {
     fn record_failure(&self, service: &str, node: &str, silent: bool) {
         let mut ejections = self.ejections.lock().unwrap_or_else(|e| e.into_inner());
         let ejected = if silent {
-            Some(ejections.silent(service, node, Instant::now()))
+            ejections.silent(service, node, Instant::now())
         } else {
             ejections.failed(service, node, Instant::now())
         };
@@ -1019,11 +1045,23 @@ mod tests {
     fn an_instance_whose_agent_does_not_answer_is_ejected_at_once() {
         let t0 = Instant::now();
         let mut e = Ejections::default();
-        assert_eq!(e.silent("web", "b", t0), SILENT_EJECT, "at once, for as long as membership takes to decide");
+        assert_eq!(e.silent("web", "b", t0), Some(SILENT_EJECT), "at once, for as long as membership takes to decide");
         assert!(e.is_ejected("web", "b", t0 + SILENT_EJECT - Duration::from_millis(1)));
         assert!(!e.is_ejected("web", "b", t0 + SILENT_EJECT));
-        let later: Vec<_> = (0..4).map(|_| e.silent("web", "b", t0)).collect();
-        assert_eq!(later, [5, 5, 8, 16].map(Duration::from_secs), "then the usual doubling");
+        // Many requests timing out on one stall: ejected once, not escalated by each.
+        for _ in 0..10 {
+            assert_eq!(e.silent("web", "b", t0 + Duration::from_secs(1)), None);
+        }
+        assert!(!e.is_ejected("web", "b", t0 + Duration::from_secs(6)), "{:?}", e.by_instance);
+        // Silent again after the ejection ended: then the usual doubling.
+        let mut at = t0 + Duration::from_secs(10);
+        let mut later = Vec::new();
+        for _ in 0..4 {
+            let backoff = e.silent("web", "b", at).unwrap();
+            later.push(backoff);
+            at += backoff;
+        }
+        assert_eq!(later, [5, 5, 8, 16].map(Duration::from_secs));
         e.succeeded("web", "b");
         assert!(!e.is_ejected("web", "b", t0));
     }

@@ -111,6 +111,11 @@ impl Trust {
             })
         };
         client_verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()).map_err(trust_check)?;
+        // As a server too (peers dial this node by its id): a certificate from another PKI may
+        // lack the serverAuth usage.
+        let name = ServerName::try_from(node_id.to_string())
+            .map_err(|e| TrustError::Identity(format!("the node id {node_id:?} is not a DNS name ({e})")))?;
+        server_verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now()).map_err(trust_check)?;
         let server = server_config(creds, client_verifier.clone())?;
         let client = client_config_with(creds, roots)?;
         Ok(Trust { server, client, cas: creds.cas.len(), client_verifier, server_verifier })
