@@ -618,28 +618,39 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                     fingerprint.update(&s.max_version().to_le_bytes());
                 }
                 if remote_cache.as_ref().is_none_or(|(k, _)| *k != key) {
+                    let copies: Vec<(BTreeMap<String, RegionInfo>, Vec<MemberView>)> = sources
+                        .iter()
+                        .map(|(_, s)| {
+                            let reach = s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+                            let members = s
+                                .iter_prefix(REMOTE_PREFIX)
+                                .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
+                                .collect();
+                            (reach, members)
+                        })
+                        .collect();
+                    // Each region's owner: the first copy with members of it (a copy may know a
+                    // region's gateway before its summaries), else the first that lists it.
+                    let mut owner: BTreeMap<String, usize> = BTreeMap::new();
+                    for (i, (_, ms)) in copies.iter().enumerate() {
+                        for m in ms {
+                            owner.entry(m.region.clone()).or_insert(i);
+                        }
+                    }
+                    for (i, (r, _)) in copies.iter().enumerate() {
+                        for region in r.keys() {
+                            owner.entry(region.clone()).or_insert(i);
+                        }
+                    }
                     let mut reach: BTreeMap<String, RegionInfo> = BTreeMap::new();
                     let mut members: Vec<MemberView> = Vec::new();
-                    for (_, s) in &sources {
-                        let copied: BTreeMap<String, RegionInfo> =
-                            s.get(KEY_REACH).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-                        let theirs: Vec<MemberView> = s
-                            .iter_prefix(REMOTE_PREFIX)
-                            .filter_map(|(_, v)| serde_json::from_str::<MemberView>(&v.value).ok())
-                            .collect();
-                        // The regions this copy speaks for: those no earlier copy has.
-                        let new: HashSet<String> = copied
-                            .keys()
-                            .chain(theirs.iter().map(|m| &m.region))
-                            .filter(|r| !reach.contains_key(*r) && !members.iter().any(|m| &m.region == *r))
-                            .cloned()
-                            .collect();
-                        members.extend(theirs.into_iter().filter(|m| new.contains(&m.region)));
-                        for (region, info) in copied {
-                            if new.contains(&region) {
-                                reach.insert(region, info);
-                            }
+                    for (region, &i) in &owner {
+                        let (r, ms) = &copies[i];
+                        let info = r.get(region).or_else(|| copies.iter().find_map(|(r, _)| r.get(region)));
+                        if let Some(info) = info {
+                            reach.insert(region.clone(), info.clone());
                         }
+                        members.extend(ms.iter().filter(|m| &m.region == region).cloned());
                     }
                     remote_cache = Some((key, (reach, members)));
                 }
