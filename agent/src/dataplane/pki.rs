@@ -210,8 +210,27 @@ pub fn cert_issue(ca_dir: &Path, node: &str, out: &Path, force: bool, days: Opti
     let ca = Ca::load(ca_dir)?;
     let (cert, key) = ca.issue_for(node, days)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join(format!("{node}.pem")), cert)?;
-    write_private(&out.join(format!("{node}.key")), &key)
+    // Both written whole to temporary files first, then renamed into place back to back: an
+    // agent reloading (or a crash) meanwhile never finds a torn file, and the window in which
+    // it could find a new key beside the old certificate (which it refuses, keeping what it
+    // has) is two renames long instead of two writes.
+    let staged = |text: &str, mode: u32| -> anyhow::Result<tempfile::NamedTempFile> {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let mut f = tempfile::Builder::new()
+            .prefix(".agent-cert-")
+            .tempfile_in(out)
+            .with_context(|| format!("writing into {}", out.display()))?;
+        f.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(text.as_bytes())?;
+        f.as_file().sync_all()?;
+        Ok(f)
+    };
+    let (key_tmp, cert_tmp) = (staged(&key, 0o600)?, staged(&cert, 0o644)?);
+    key_tmp.persist(&key_file).with_context(|| format!("writing {}", key_file.display()))?;
+    let cert_file = out.join(format!("{node}.pem"));
+    cert_tmp.persist(&cert_file).with_context(|| format!("writing {}", cert_file.display()))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -252,6 +271,15 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "kept");
         cert_issue(dir.path(), "web-1", dir.path(), true, None).unwrap();
         assert_ne!(std::fs::read_to_string(dir.path().join("web-1.key")).unwrap(), key, "replaced with --force");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("web-1.key"), mode("web-1.pem")), (0o600, 0o644));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".agent-cert-"))
+            .collect();
+        assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 
     #[test]
