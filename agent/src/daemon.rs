@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::cluster::snapshot::LocalNode;
 use crate::config::{Config, ConfigError};
-use crate::dataplane::pki::{self, Ca, NodeCredentials};
+use crate::dataplane::pki::{self, Ca};
 use crate::dataplane::{DataPlane, ingress, tls, upstream};
 use crate::events::EventHub;
 use crate::membership::keyring::Keyring;
@@ -37,8 +37,8 @@ pub struct Prepared {
     pub keyring: Keyring,
     pub node_id: String,
     pub generation: u64,
-    /// None: no certificates configured, so the data plane is off.
-    pub credentials: Option<NodeCredentials>,
+    /// The node's TLS, checked; None: no certificates configured, so the data plane is off.
+    pub trust: Option<tls::Trust>,
 }
 
 /// Loads the keyring and the node identity. No socket is bound yet.
@@ -59,8 +59,8 @@ pub fn prepare(config: Config) -> Result<Prepared, RunError> {
         })?;
     }
     let node_id = node_id(&config).context("choosing the node id")?;
-    let credentials = credentials(&config, &node_id)?;
-    if credentials.is_none() {
+    let trust = trust(&config, &node_id)?;
+    if trust.is_none() {
         // Without certificates the data plane is off: nothing would serve these ports.
         let needs = |setting: &str, value: String, what: &str| ConfigError {
             setting: setting.into(),
@@ -75,17 +75,18 @@ pub fn prepare(config: Config) -> Result<Prepared, RunError> {
         }
     }
     let generation = generation(config.data_dir.as_deref()).context("choosing the generation")?;
-    Ok(Prepared { config, keyring, node_id, generation, credentials })
+    Ok(Prepared { config, keyring, node_id, generation, trust })
 }
 
-/// The node's TLS credentials: from `[security]`, generated in memory in dev, or none. A file
+/// The node's TLS, from `[security]`, generated in memory in dev, or none; made once, here,
+/// so that credentials that would cut the node off stop it before anything binds. A file
 /// that cannot be used is named by its own setting.
-fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>, RunError> {
+fn trust(config: &Config, node_id: &str) -> Result<Option<tls::Trust>, RunError> {
     let s = &config.security;
     let creds = match (&s.ca_file, &s.cert_file, &s.key_file) {
         (None, None, None) if config.dev => {
             let ca = Ca::generate(&config.cluster).context("generating a dev CA")?;
-            return Ok(Some(ca.credentials_for(node_id).context("issuing a dev certificate")?));
+            ca.credentials_for(node_id).context("issuing a dev certificate")?
         }
         (None, None, None) => return Ok(None),
         (Some(ca), Some(cert), Some(key)) => {
@@ -122,20 +123,17 @@ fn credentials(config: &Config, node_id: &str) -> Result<Option<NodeCredentials>
             .into());
         }
     };
-    if let Err(e) = tls::Trust::new(&creds, node_id) {
-        let file = match e.setting() {
-            "ca_file" => &s.ca_file,
-            "key_file" => &s.key_file,
-            _ => &s.cert_file,
-        };
-        return Err(ConfigError {
-            setting: e.setting().into(),
-            value: file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            allowed: e.to_string(),
-        }
-        .into());
-    }
-    Ok(Some(creds))
+    let trust = tls::Trust::new(&creds, node_id).map_err(|e| ConfigError {
+        setting: e.setting().into(),
+        value: creds
+            .files
+            .as_ref()
+            .and_then(|f| f.path_of(e.setting()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        allowed: e.to_string(),
+    })?;
+    Ok(Some(trust))
 }
 
 /// The node id: configured, or kept in the data dir, or hostname + random suffix (then kept).
@@ -198,7 +196,7 @@ fn advertise_for(bound: SocketAddr) -> SocketAddr {
 
 /// Runs the agent until a signal or `agent leave`.
 pub async fn run(prepared: Prepared) -> Result<(), RunError> {
-    let Prepared { config, keyring, node_id, generation, credentials } = prepared;
+    let Prepared { config, keyring, node_id, generation, trust } = prepared;
     let metrics = Arc::new(Metrics::new());
 
     let socket = tokio::net::UdpSocket::bind(config.gossip_addr)
@@ -214,7 +212,7 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
     let dns_bound = dns_udp.local_addr().context("reading the DNS address")?;
     // The data plane's socket and listeners are bound now, so that a busy port stops the
     // agent before it joins anything.
-    let data_socket = match &credentials {
+    let data_socket = match &trust {
         Some(_) => Some(DataPlane::bind_socket(config.data_addr)?),
         None => {
             tracing::warn!(
@@ -286,11 +284,11 @@ pub async fn run(prepared: Prepared) -> Result<(), RunError> {
         config.security.cluster_key_file.clone(),
         keyring_ops,
     ))];
-    let dataplane = match (data_socket, &credentials) {
-        (Some(socket), Some(creds)) => {
+    let dataplane = match (data_socket, trust) {
+        (Some(socket), Some(trust)) => {
             let dp = DataPlane::start(
                 socket,
-                creds,
+                trust,
                 &node_id,
                 membership.snapshots(),
                 services.clone(),

@@ -69,7 +69,16 @@ async fn server(ca: &Ca, listed: &str, client_addr: SocketAddr) -> Setup {
     services.register(ServiceLayer { name: "echo".into(), port: echo_app().await, ..Default::default() }).unwrap();
     let metrics = Arc::new(Metrics::new());
     let creds = ca.credentials_for("server").unwrap();
-    let dp = DataPlane::start(socket, &creds, "server", rx, services, metrics.clone(), None).unwrap();
+    let dp = DataPlane::start(
+        socket,
+        tls::Trust::new(&creds, "server").unwrap(),
+        "server",
+        rx,
+        services,
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
     tokio::spawn(dp.clone().serve());
     Setup { server_addr, metrics, dp }
 }

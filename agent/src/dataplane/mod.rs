@@ -226,11 +226,7 @@ impl Ejections {
         if e.failures < EJECT_AFTER {
             return None;
         }
-        let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections.min(16))).min(EJECT_MAX);
-        e.until = Some(now + backoff);
-        e.ejections += 1;
-        e.failures = 0;
-        Some(backoff)
+        Some(e.eject(now, Duration::ZERO))
     }
 
     /// Records an attempt the instance's agent did not answer at all (no handshake, or no
@@ -244,16 +240,23 @@ impl Ejections {
             e.until = Some(until.max(now + SILENT_EJECT));
             return None;
         }
-        let backoff =
-            (Duration::from_secs(1) * 2u32.saturating_pow(e.ejections.min(16))).clamp(SILENT_EJECT, EJECT_MAX);
-        e.until = Some(now + backoff);
-        e.ejections += 1;
-        e.failures = 0;
-        Some(backoff)
+        Some(e.eject(now, SILENT_EJECT))
     }
 
     pub fn succeeded(&mut self, service: &str, node: &str) {
         self.by_instance.remove(&(service.to_string(), node.to_string()));
+    }
+}
+
+impl Ejection {
+    /// Ejects for 1 s, then 2, 4, ... with each ejection in a row, at least `at_least` and at
+    /// most [`EJECT_MAX`]; returns the time.
+    fn eject(&mut self, now: Instant, at_least: Duration) -> Duration {
+        let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(self.ejections.min(16))).clamp(at_least, EJECT_MAX);
+        self.until = Some(now + backoff);
+        self.ejections += 1;
+        self.failures = 0;
+        backoff
     }
 }
 
@@ -369,8 +372,6 @@ pub struct DataPlane {
     /// Bumped by every reload: a connection whose handshake began under an older trust is
     /// checked again under the new one.
     trust_epoch: AtomicU64,
-    /// Where the credentials came from; `None` when made in memory (`--dev`).
-    files: Option<pki::TlsFiles>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     /// Failed handshakes, in both directions: logged every 10 s at most.
@@ -405,8 +406,8 @@ pub struct Reloaded {
 
 /// Shows when this node's certificate ends (`dataplane_certificate_expiry_seconds`), and warns
 /// when that is less than two weeks away.
-fn note_expiry(metrics: &Metrics, creds: &pki::NodeCredentials) -> Option<i64> {
-    let not_after = pki::not_after(&creds.identity.chain[0])?;
+fn note_expiry(metrics: &Metrics, trust: &tls::Trust) -> Option<i64> {
+    let not_after = trust.not_after?;
     metrics.cert_expiry.set(not_after);
     let left = not_after - crate::membership::unix_ms() as i64 / 1000;
     if left < 14 * 86_400 {
@@ -453,7 +454,7 @@ impl DataPlane {
     /// Starts the QUIC endpoint on `socket` with the node's credentials.
     pub fn start(
         socket: std::net::UdpSocket,
-        creds: &pki::NodeCredentials,
+        trust: tls::Trust,
         node_id: &str,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         services: Arc<LocalServices>,
@@ -461,8 +462,8 @@ impl DataPlane {
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<Arc<DataPlane>> {
         let runtime = Arc::new(udp::ReadOnlyRegistration);
-        let trust = Arc::new(tls::Trust::new(creds, node_id)?);
-        note_expiry(&metrics, creds);
+        note_expiry(&metrics, &trust);
+        let trust = Arc::new(trust);
         let endpoint =
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(trust.server.clone()), socket, runtime)
                 .context("starting the QUIC endpoint")?;
@@ -480,7 +481,6 @@ impl DataPlane {
             idle,
             trust: Mutex::new(trust),
             trust_epoch: AtomicU64::new(0),
-            files: creds.files.clone(),
             reloading: tokio::sync::Mutex::new(()),
             handshake_log: crate::membership::transport::RateLimitedLog::new(Duration::from_secs(10)),
             inbound: Mutex::new(HashMap::new()),
@@ -858,8 +858,8 @@ impl DataPlane {
 
     /// Reads the `[security]` files again and reloads them (SIGHUP, `agent reload`).
     pub async fn reload_files(&self) -> Result<Reloaded, ReloadError> {
-        let files = self.files.as_ref().ok_or(ReloadError::InMemory)?;
-        let creds = pki::load_credentials(files).map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
+        let files = self.trust.lock().unwrap_or_else(|e| e.into_inner()).files.clone().ok_or(ReloadError::InMemory)?;
+        let creds = pki::load_credentials(&files).map_err(|e| ReloadError::Invalid(format!("{e:#}")))?;
         self.reload(&creds).await
     }
 
@@ -871,19 +871,14 @@ impl DataPlane {
         let _one = self.reloading.lock().await;
         let trust = Arc::new(tls::Trust::new(creds, &self.node_id).map_err(|e| {
             // The file at fault, as at start.
-            let file = creds.files.as_ref().map(|f| match e.setting() {
-                "ca_file" => &f.ca,
-                "key_file" => &f.key,
-                _ => &f.cert,
-            });
-            match file {
+            match creds.files.as_ref().and_then(|f| f.path_of(e.setting())) {
                 Some(path) => ReloadError::Invalid(format!("{} {}: {e}", e.setting(), path.display())),
                 None => ReloadError::Invalid(e.to_string()),
             }
         })?);
         self.endpoint.set_server_config(Some(trust.server.clone()));
         *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust.clone();
-        let not_after = note_expiry(&self.metrics, creds);
+        let not_after = note_expiry(&self.metrics, &trust);
         self.trust_epoch.fetch_add(1, Ordering::AcqRel);
         let mut closed = 0;
         let inbound: Vec<(String, quinn::Connection)> =

@@ -46,6 +46,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// The file behind a setting (`ca_file`, `cert_file`, `key_file`), as errors name it.
+    pub fn path_of(&self, setting: &str) -> Option<&Path> {
+        match setting {
+            "ca_file" => Some(&self.ca),
+            "cert_file" => Some(&self.cert),
+            "key_file" => Some(&self.key),
+            _ => None,
+        }
+    }
+}
+
 /// A CA: its certificate (PEM) and key (PEM).
 #[derive(Debug, Clone)]
 pub struct Ca {
@@ -162,8 +174,6 @@ pub fn credentials_from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Resu
 
 /// Reads the `[security]` files; an error names the file at fault.
 pub fn load_credentials(files: &TlsFiles) -> Result<NodeCredentials, CredentialsError> {
-    let named = [("ca_file", &files.ca), ("cert_file", &files.cert), ("key_file", &files.key)];
-    let path_of = |setting: &str| named.iter().find(|(s, _)| *s == setting).map(|(_, p)| p.to_path_buf());
     let read = |setting: &'static str, path: &Path| {
         std::fs::read_to_string(path).map_err(|e| CredentialsError {
             setting,
@@ -172,8 +182,8 @@ pub fn load_credentials(files: &TlsFiles) -> Result<NodeCredentials, Credentials
         })
     };
     let (ca, cert, key) = (read("ca_file", &files.ca)?, read("cert_file", &files.cert)?, read("key_file", &files.key)?);
-    let creds =
-        credentials_from_pem(&ca, &cert, &key).map_err(|e| CredentialsError { path: path_of(e.setting), ..e })?;
+    let creds = credentials_from_pem(&ca, &cert, &key)
+        .map_err(|e| CredentialsError { path: files.path_of(e.setting).map(Path::to_path_buf), ..e })?;
     Ok(NodeCredentials { files: Some(files.clone()), ..creds })
 }
 

@@ -70,6 +70,10 @@ pub struct Trust {
     pub client: quinn::ClientConfig,
     /// How many CAs `ca_file` holds.
     pub cas: usize,
+    /// The files it was made from, read again on reload; `None` when made in memory.
+    pub files: Option<super::pki::TlsFiles>,
+    /// When this node's certificate stops being valid (Unix seconds).
+    pub not_after: Option<i64>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<WebPkiServerVerifier>,
 }
@@ -118,7 +122,15 @@ impl Trust {
         server_verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now()).map_err(trust_check)?;
         let server = server_config(creds, client_verifier.clone())?;
         let client = client_config_with(creds, roots)?;
-        Ok(Trust { server, client, cas: creds.cas.len(), client_verifier, server_verifier })
+        Ok(Trust {
+            server,
+            client,
+            cas: creds.cas.len(),
+            files: creds.files.clone(),
+            not_after: super::pki::not_after(&chain[0]),
+            client_verifier,
+            server_verifier,
+        })
     }
 
     /// Whether a peer that connected to us presented a certificate the CAs still vouch for.

@@ -588,9 +588,8 @@ async fn snapshot_loop(shared: Arc<Shared>) {
             local_cache.retain(|id, _| c.node_states().contains_key(id));
             let gateways = elect_gateways(&records, &incumbents, config.gossip.gateways_per_region);
             // The other regions, as copied in by our gateways (and any live member that still
-            // holds a copy), the elected ones first.
-            // By generation too: chitchat keeps a restarted member's old state, frozen copy
-            // and all, for `dead_node_grace`.
+            // holds a copy), the elected ones first; live generations only: chitchat keeps a
+            // restarted member's old state, frozen copy and all, for `dead_node_grace`.
             let alive: HashSet<(&str, u64)> = records
                 .iter()
                 .filter(|r| matches!(r.liveness, Liveness::Alive | Liveness::Suspect))
@@ -603,11 +602,11 @@ async fn snapshot_loop(shared: Arc<Shared>) {
                 .collect();
             sources.sort_by_key(|(id, _)| (!gateways.iter().any(|g| **g == *id.node_id), id.node_id.clone()));
             // Every copy counts, region by region: each region, its reachability and all its
-            // members come from the first copy (preferred first) that has heard of it. A region
-            // another copy lacks (a gateway that has just started has not heard every region
-            // yet) stays in view; taking only the preferred copy made a whole region vanish for
-            // a moment whenever a second gateway started. Never member by member: a member one
-            // copy still holds after its region dropped it would stay routable.
+            // members come from one copy, its owner (below). A region another copy lacks (a
+            // gateway that has just started has not heard every region yet) stays in view;
+            // taking only the preferred copy made a whole region vanish for a moment whenever a
+            // second gateway started. Never member by member: a member one copy still holds
+            // after its region dropped it would stay routable.
             let remote = (!sources.is_empty()).then(|| {
                 let key: Vec<(ChitchatId, u64)> =
                     sources.iter().map(|(id, s)| ((*id).clone(), s.max_version())).collect();
